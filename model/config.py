@@ -1,0 +1,140 @@
+"""Frozen model configuration and named presets.
+
+Dimension glossary used across sparq: B batch, T/L length, S cache length,
+D model, H heads, K kv heads, Dh head dim, F ffn, V vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax.numpy as jnp
+
+AttnImpl = Literal["reference", "xla"]
+MatmulImpl = Literal["xla", "pallas"]
+_DTYPES = ("float32", "bfloat16", "float16")
+ROPE_SCALING_TYPES = ("llama3", "linear")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """RoPE frequency scaling (Llama-3 style or linear position interpolation)."""
+
+  type: str = "llama3"
+  factor: float = 8.0
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_position_embeddings: int = 8192
+
+  def __post_init__(self):
+    if self.type not in ROPE_SCALING_TYPES:
+      raise ValueError(
+          f"rope_scaling.type={self.type!r} is not supported; valid: {ROPE_SCALING_TYPES}")
+    if self.factor <= 0:
+      raise ValueError(f"rope_scaling.factor={self.factor} must be > 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Llama-family decoder hyper-parameters. Frozen and hashable (a jit static arg)."""
+
+  vocab_size: int = 259
+  d_model: int = 64
+  n_layers: int = 2
+  n_heads: int = 4
+  n_kv_heads: int = 2
+  head_dim: int | None = None  # None: d_model // n_heads
+  ffn_dim: int = 128
+  max_seq_len: int = 256
+  rope_theta: float = 10_000.0
+  rope_scaling: RopeScaling | None = None
+  norm_eps: float = 1e-5
+  qk_norm: bool = False  # Qwen3: RMSNorm on q and k per head, before RoPE
+  qkv_bias: bool = False  # Qwen2: biases on the q/k/v projections
+  tie_embeddings: bool = True
+  param_dtype: str = "float32"
+  dtype: str = "float32"  # compute dtype
+  attn_impl: AttnImpl = "xla"
+  matmul_impl: MatmulImpl = "xla"
+
+  def __post_init__(self):
+    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_dim",
+                 "max_seq_len"):
+      v = getattr(self, name)
+      if not isinstance(v, int) or v < 1:
+        raise ValueError(f"ModelConfig.{name}={v!r} must be a positive integer")
+    if self.head_dim is None and self.d_model % self.n_heads:
+      raise ValueError(
+          f"ModelConfig.n_heads={self.n_heads} must divide d_model={self.d_model} "
+          "(or set head_dim explicitly)")
+    if self.n_heads % self.n_kv_heads:
+      raise ValueError(
+          f"ModelConfig.n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
+    for name in ("param_dtype", "dtype"):
+      if getattr(self, name) not in _DTYPES:
+        raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}; valid: {_DTYPES}")
+    if self.attn_impl not in ("reference", "xla"):
+      raise ValueError(
+          f"ModelConfig.attn_impl={self.attn_impl!r}; valid: 'reference', 'xla'")
+    if self.matmul_impl not in ("xla", "pallas"):
+      raise ValueError(f"ModelConfig.matmul_impl={self.matmul_impl!r}; valid: 'xla', 'pallas'")
+    if isinstance(self.rope_scaling, dict):  # allow dicts from configs / json
+      object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+
+  @property
+  def dh(self) -> int:
+    return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+
+  @property
+  def jnp_param_dtype(self):
+    return jnp.dtype(self.param_dtype)
+
+  @property
+  def jnp_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  def replace(self, **kw) -> ModelConfig:
+    return dataclasses.replace(self, **kw)
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict) -> ModelConfig:
+    d = dict(d)
+    if d.get("rope_scaling") is not None:
+      d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+    return cls(**d)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # ~90K params: unit tests.
+    "test": ModelConfig(),
+    # ~0.9M params: the main job on 2 CPU cores.
+    "tiny": ModelConfig(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=384,
+                        max_seq_len=512),
+    # ~3.3M params.
+    "small": ModelConfig(d_model=256, n_layers=4, n_heads=8, n_kv_heads=4, ffn_dim=768,
+                         max_seq_len=1024),
+    # ~25M params: decode benchmarks (d=512, 8 layers, 8 heads / 4 kv, ffn 1536, vocab 256).
+    "bench-25m": ModelConfig(vocab_size=256, d_model=512, n_layers=8, n_heads=8, n_kv_heads=4,
+                             ffn_dim=1536, max_seq_len=2048),
+    # SmolLM-135M shape.
+    "smollm-135m": ModelConfig(vocab_size=49152, d_model=576, n_layers=30, n_heads=9,
+                               n_kv_heads=3, ffn_dim=1536, max_seq_len=2048,
+                               rope_theta=10_000.0),
+    # Llama-3.2-1B shape (1.24B params).
+    "llama-3.2-1b": ModelConfig(
+        vocab_size=128256, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64,
+        ffn_dim=8192, max_seq_len=131072, rope_theta=500_000.0,
+        rope_scaling=RopeScaling("llama3", 32.0, 1.0, 4.0, 8192), norm_eps=1e-5,
+        tie_embeddings=True, param_dtype="bfloat16", dtype="bfloat16"),
+}
+
+
+def get_preset(name: str, **overrides) -> ModelConfig:
+  """Returns the named preset, optionally with fields replaced."""
+  if name not in PRESETS:
+    raise ValueError(f"unknown model preset {name!r}; valid: {sorted(PRESETS)}")
+  return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]
