@@ -20,7 +20,7 @@ class KVCache:
 
   k: tuple[Float[Array, "B S K Dh"], ...]
   v: tuple[Float[Array, "B S K Dh"], ...]
-  lengths: Int[Array, "B"]
+  lengths: Int[Array, " B"]
 
   @property
   def batch(self) -> int:
