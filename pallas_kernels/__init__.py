@@ -1,0 +1,1 @@
+"""sparq Pallas kernels, each with a pure-jnp reference; `api` picks a path per backend."""
