@@ -1,0 +1,69 @@
+"""scripts/prune.py: checkpoint in, pruned checkpoint + JSON report out; bad input fails early."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import model
+from scripts import checkpoint_lib
+from scripts import prune as prune_script
+
+CFG = model.get_preset("test")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def run_dir(params, tmp_path_factory):
+  d = str(tmp_path_factory.mktemp("run"))
+  checkpoint_lib.save_params(d, params, CFG, step=3)
+  return d
+
+
+def test_prune_checkpoint_roundtrip(run_dir, tmp_path):
+  out = str(tmp_path / "pruned")
+  report = prune_script.prune_checkpoint(run_dir, "magnitude:0.5", out,
+                                         rules=["mlp/down=none"])
+  params, cfg, step = checkpoint_lib.load_params(out)
+  assert cfg == CFG and step == 3
+  for name in ("q", "k", "v", "o"):
+    w = np.asarray(params["layers_1"]["attn"][name]["kernel"])
+    assert (w == 0).sum() == w.size // 2
+  assert (np.asarray(params["layers_1"]["mlp"]["down"]["kernel"]) != 0).all()
+  with open(os.path.join(out, prune_script.REPORT_NAME)) as f:
+    saved = json.load(f)
+  assert saved["totals"] == report["totals"] and saved["rules"] == [["mlp/down", None]]
+  assert checkpoint_lib.load_meta(out)["prune"]["recipe"] == "magnitude:0.5"
+
+
+@pytest.mark.parametrize("recipe,out,match", [
+    ("magnitude:1.5", "new", r"\[0, 1\)"),
+    ("bogus:0.5", "new", "valid: magnitude"),
+    ("magnitude:0.5", "RUN", "must differ"),
+    ("magnitude:0.5", "afile/sub", "not writable"),
+])
+def test_bad_input_writes_nothing(run_dir, tmp_path, recipe, out, match):
+  (tmp_path / "afile").write_text("")
+  out = run_dir if out == "RUN" else str(tmp_path / out)
+  with pytest.raises(ValueError, match=match):
+    prune_script.prune_checkpoint(run_dir, recipe, out)
+  assert sorted(os.listdir(tmp_path)) == ["afile"]
+
+
+def test_missing_checkpoint(tmp_path):
+  with pytest.raises(ValueError, match="no checkpoints"):
+    prune_script.prune_checkpoint(str(tmp_path / "empty"), "magnitude:0.5", str(tmp_path / "o"))
+
+
+def test_cli_bad_sparsity_exits_nonzero(tmp_path):
+  out = tmp_path / "o"
+  proc = subprocess.run(
+      [sys.executable, "-m", "scripts.prune", f"--workdir={tmp_path}", "--prune=magnitude:1.0",
+       f"--out={out}"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode != 0
+  assert "outside the valid range [0, 1)" in proc.stderr
+  assert not out.exists()
