@@ -57,7 +57,9 @@ class QArray:
 
   def __repr__(self) -> str:
     g = f", group={self.group_size}" if self.group_size else ""
-    return f"QArray({self.fmt}{self.bits}, shape={self.shape}{g})"
+    z = ", asym" if self.zero is not None else ""
+    name = f"int{self.bits}" if self.fmt == "int" else f"fp8_{self.fmt}"
+    return f"QArray({name}, shape={self.shape}{g}{z})"
 
 
 def _nbytes(x) -> int:
