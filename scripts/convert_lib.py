@@ -1,0 +1,82 @@
+"""Hugging Face model dir <-> sparq orbax checkpoint (the library behind scripts/convert.py).
+
+An imported checkpoint is an ordinary params checkpoint (scripts/checkpoint_lib:
+`<workdir>/checkpoints/0/{params,meta}` + `model_config.json`), so prune / quantize
+/ eval / decode commands take it like a trained one. Its meta records the source
+(`meta["source"]`: format, path, architecture, the original config.json), and the
+tokenizer files are copied to `<workdir>/hf/`, so exporting back restores the
+architecture, special-token ids and tokenizer.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+from model import convert
+from model.config import ModelConfig
+from scripts import checkpoint_lib
+
+HF_SUBDIR = "hf"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json", "tokenizer.model")
+_TOKEN_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def _copy_tokenizer(src: str, dst: str) -> list[str]:
+  names = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(src, n))]
+  if names:
+    os.makedirs(dst, exist_ok=True)
+  for n in names:
+    shutil.copyfile(os.path.join(src, n), os.path.join(dst, n))
+  return names
+
+
+def hf_to_checkpoint(hf_dir: str, workdir: str, *,
+                     param_dtype: str | None = None) -> tuple[ModelConfig, str]:
+  """Imports `hf_dir` into a new params checkpoint under `workdir`; returns (cfg, its folder)."""
+  if os.path.isdir(os.path.join(workdir, checkpoint_lib.CKPT_SUBDIR)):
+    raise ValueError(f"workdir={workdir!r} already holds checkpoints; pick an empty folder")
+  cfg, params = convert.load_hf(hf_dir, param_dtype=param_dtype)
+  hf_cfg = convert.read_config(hf_dir)
+  source = {"format": "huggingface", "path": os.path.abspath(hf_dir),
+            "architecture": convert.architecture_of(hf_cfg), "config": hf_cfg}
+  folder = checkpoint_lib.save_params(workdir, params, cfg, step=0, meta={"source": source})
+  _copy_tokenizer(hf_dir, os.path.join(workdir, HF_SUBDIR))
+  return cfg, folder
+
+
+def checkpoint_to_hf(workdir: str, hf_dir: str, *, step: int | None = None,
+                     dtype: str | None = None, architecture: str | None = None,
+                     max_shard_bytes: int = convert.DEFAULT_MAX_SHARD_BYTES) -> str:
+  """Exports a params checkpoint to a Hugging Face dir; returns the architecture written."""
+  params, cfg, step = checkpoint_lib.load_params(workdir, step)
+  source = checkpoint_lib.load_meta(workdir, step).get("source") or {}
+  if architecture is None and source.get("architecture"):
+    try:  # the imported family, unless the model was changed into another one
+      convert.check_architecture(cfg, source["architecture"])
+      architecture = source["architecture"]
+    except ValueError:
+      architecture = None
+  extra = {k: source["config"][k] for k in _TOKEN_KEYS if k in source.get("config", {})}
+  arch = convert.export_hf(cfg, params, hf_dir, dtype=dtype, architecture=architecture,
+                           extra_config=extra, max_shard_bytes=max_shard_bytes)
+  _copy_tokenizer(os.path.join(workdir, HF_SUBDIR), hf_dir)
+  return arch
+
+
+def load_model(path: str, *, step: int | None = None,
+               param_dtype: str | None = None) -> tuple[ModelConfig, dict]:
+  """(cfg, params) from a Hugging Face dir or a sparq workdir, for eval / generation mains."""
+  if convert.is_hf_dir(path):
+    return convert.load_hf(path, param_dtype=param_dtype)
+  params, cfg, _ = checkpoint_lib.load_params(path, step)
+  return cfg, params
+
+
+def tokenizer_path(path: str) -> str | None:
+  """The tokenizer.json of a Hugging Face dir or of an imported workdir, if there is one."""
+  for folder in (path, os.path.join(path, HF_SUBDIR)):
+    if os.path.isfile(os.path.join(folder, "tokenizer.json")):
+      return os.path.join(folder, "tokenizer.json")
+  return None
