@@ -51,7 +51,12 @@ def init_cache(cfg, batch: int, max_len: int, dtype=None) -> KVCache:
 
 
 def write(buf_BSKD: Array, new_BTKD: Array, start_B: Array) -> Array:
-  """Writes new[b] into buf[b] at slot start[b], per row."""
+  """Writes new[b] into buf[b] at slot start[b], per row (in place inside a jitted loop)."""
+  if buf_BSKD.shape[0] == 1:
+    # XLA turns a one-row scatter into a select over the whole buffer (a full cache copy
+    # per decode step); a plain dynamic_update_slice stays in place.
+    return jax.lax.dynamic_update_slice(buf_BSKD, new_BTKD.astype(buf_BSKD.dtype),
+                                        (0, start_B[0], 0, 0))
   upd = lambda buf, new, s: jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (s, 0, 0))
   return jax.vmap(upd)(buf_BSKD, new_BTKD, start_B)
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Int
 
 from decoding.kv_cache import KVCache, write
-from model.attention import AttentionMask, attention
+from model.attention import AttentionMask, attention, merge_partials
 from model.config import ModelConfig
 from model.layers import Dense, Embed, RMSNorm
 from model.rope import apply_rope
@@ -23,8 +23,12 @@ class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BTD, positions_BT, mask: AttentionMask, kv=None):
-    """Returns (out[B,T,D], new (k, v) cache buffers or None)."""
+  def __call__(self, x_BTD, positions_BT, mask: AttentionMask, kv=None, prefix_kv=None):
+    """Returns (out[B,T,D], new (k, v) cache buffers or None).
+
+    `prefix_kv = (k[Bp,P,K,Dh], v, mask)`: a prefix shared by groups of B / Bp
+    consecutive rows (Hydragen); attended once per group, merged by log-sum-exp.
+    """
     cfg = self.cfg
     b, t, _ = x_BTD.shape
     h, k, dh = cfg.n_heads, cfg.n_kv_heads, cfg.dh
@@ -44,9 +48,26 @@ class Attention(nn.Module):
       new_kv = (k_BSKD, v_BSKD)
     else:
       k_BSKD, v_BSKD, new_kv = k_BTKD, v_BTKD, None
-    out_BTHD = attention(q_BTHD, k_BSKD.astype(q_BTHD.dtype), v_BSKD.astype(q_BTHD.dtype),
-                         mask=mask, impl=cfg.attn_impl)
+    k_BSKD, v_BSKD = k_BSKD.astype(q_BTHD.dtype), v_BSKD.astype(q_BTHD.dtype)
+    if prefix_kv is None:
+      out_BTHD = attention(q_BTHD, k_BSKD, v_BSKD, mask=mask, impl=cfg.attn_impl)
+    else:
+      out_BTHD = _prefix_attention(cfg, q_BTHD, k_BSKD, v_BSKD, mask, *prefix_kv)
     return _dense(cfg, cfg.d_model, "o")(out_BTHD.reshape(b, t, h * dh)), new_kv
+
+
+def _prefix_attention(cfg, q_BTHD, k_BSKD, v_BSKD, mask, pk_PSKD, pv_PSKD, prefix_mask):
+  """Suffix attention per row, plus one batched attention of each row group to its prefix."""
+  b, t, h, dh = q_BTHD.shape
+  bp = pk_PSKD.shape[0]
+  q_PMHD = q_BTHD.reshape(bp, (b // bp) * t, h, dh)  # rows of a group become queries
+  dtype = q_BTHD.dtype
+  out_p, lse_p = attention(q_PMHD, pk_PSKD.astype(dtype), pv_PSKD.astype(dtype),
+                           mask=prefix_mask, impl=cfg.attn_impl, return_lse=True)
+  out_s, lse_s = attention(q_BTHD, k_BSKD, v_BSKD, mask=mask, impl=cfg.attn_impl,
+                           return_lse=True)
+  out_BTHD, _ = merge_partials(out_p.reshape(b, t, h, dh), lse_p.reshape(b, t, h), out_s, lse_s)
+  return out_BTHD
 
 
 class MLP(nn.Module):
@@ -64,10 +85,11 @@ class Block(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BTD, positions_BT, mask, kv=None):
+  def __call__(self, x_BTD, positions_BT, mask, kv=None, prefix_kv=None):
     cfg = self.cfg
     norm = lambda n: RMSNorm(cfg.norm_eps, cfg.jnp_dtype, cfg.jnp_param_dtype, name=n)
-    a_BTD, new_kv = Attention(cfg, name="attn")(norm("attn_norm")(x_BTD), positions_BT, mask, kv)
+    a_BTD, new_kv = Attention(cfg, name="attn")(norm("attn_norm")(x_BTD), positions_BT, mask, kv,
+                                                prefix_kv)
     x_BTD = x_BTD + a_BTD
     x_BTD = x_BTD + MLP(cfg, name="mlp")(norm("mlp_norm")(x_BTD))
     return x_BTD, new_kv
@@ -85,15 +107,27 @@ class Transformer(nn.Module):
     self.final_norm = RMSNorm(cfg.norm_eps, cfg.jnp_dtype, cfg.jnp_param_dtype)
     if not cfg.tie_embeddings:
       self.lm_head = _dense(cfg, cfg.vocab_size, "lm_head")
+    # Early-exit head; its params exist only once `decoding.early_exit` adds them.
+    self.exit_proj = _dense(cfg, cfg.d_model, "exit_proj")
+    self.exit_norm = RMSNorm(cfg.norm_eps, cfg.jnp_dtype, cfg.jnp_param_dtype)
 
   def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, cache=None,
-               kv_valid_BS=None, return_hidden: bool = False):
+               kv_valid_BS=None, return_hidden: bool = False, exit_layer: int | None = None,
+               prefix_cache: KVCache | None = None):
     return self.forward(tokens_BT, positions_BT, segment_ids_BT, cache, kv_valid_BS,
-                        return_hidden)
+                        return_hidden, exit_layer, prefix_cache)
 
   def forward(self, tokens_BT, positions_BT=None, segment_ids_BT=None,
-              cache: KVCache | None = None, kv_valid_BS=None, return_hidden=False):
+              cache: KVCache | None = None, kv_valid_BS=None, return_hidden=False,
+              exit_layer: int | None = None, prefix_cache: KVCache | None = None):
     b, t = tokens_BT.shape
+    if prefix_cache is not None:
+      # Suffix rows continue after their group's prefix: the mask works on
+      # suffix-relative positions (suffix slot j == relative position j), RoPE on
+      # absolute ones.
+      plen_B = jnp.repeat(prefix_cache.lengths, b // prefix_cache.batch)
+      if positions_BT is not None:
+        positions_BT = positions_BT - plen_B[:, None]
     if cache is not None:
       start_B = cache.lengths
       if positions_BT is None:
@@ -113,24 +147,45 @@ class Transformer(nn.Module):
         # row index, which is monotone across segments.
         idx_BT = jnp.broadcast_to(jnp.arange(t)[None], (b, t))
         mask = mask.replace(q_positions=idx_BT, kv_positions=idx_BT)
+    rope_BT, prefix_mask = positions_BT, None
+    if prefix_cache is not None:
+      rope_BT = positions_BT + plen_B[:, None]
+      p = prefix_cache.max_len
+      prefix_mask = AttentionMask(causal=False, kv_valid=jnp.arange(p)[None]
+                                  < prefix_cache.lengths[:, None])
     x_BTD = self.embed(tokens_BT)
     hidden = []
     new_k, new_v = [], []
-    for i, layer in enumerate(self.layers):
+    n_run = self.cfg.n_layers if exit_layer is None else exit_layer
+    for i, layer in enumerate(self.layers[:n_run]):
       kv = None if cache is None else (cache.k[i], cache.v[i], cache.lengths)
-      x_BTD, layer_kv = layer(x_BTD, positions_BT, mask, kv)
+      prefix_kv = None
+      if prefix_cache is not None:
+        prefix_kv = (prefix_cache.k[i], prefix_cache.v[i], prefix_mask)
+      x_BTD, layer_kv = layer(x_BTD, rope_BT, mask, kv, prefix_kv)
       if layer_kv is not None:
         new_k.append(layer_kv[0])
         new_v.append(layer_kv[1])
       if return_hidden:
         hidden.append(x_BTD)
-    logits_BTV = self.head(x_BTD)
+    if exit_layer is not None and self.has_variable("params", "exit_norm"):
+      logits_BTV = self.exit_head(x_BTD)
+    else:
+      logits_BTV = self.head(x_BTD)
     new_cache = None
     if cache is not None:
-      new_cache = KVCache(k=tuple(new_k), v=tuple(new_v), lengths=cache.lengths + t)
+      # Layers past an early exit keep their buffers untouched.
+      new_cache = KVCache(k=(*new_k, *cache.k[n_run:]), v=(*new_v, *cache.v[n_run:]),
+                          lengths=cache.lengths + t)
     if return_hidden:
       return logits_BTV, new_cache, hidden
     return logits_BTV, new_cache
+
+  def exit_head(self, x_BTD):
+    """Early-exit head: x + exit_proj(x), its own norm, then the shared LM head."""
+    x_BTD = self.exit_norm(x_BTD + self.exit_proj(x_BTD))
+    logits = self.embed.attend(x_BTD) if self.cfg.tie_embeddings else self.lm_head(x_BTD)
+    return logits.astype(jnp.float32)
 
   def head(self, x_BTD):
     """Final norm + LM head (shared by early-exit heads on intermediate layers)."""
@@ -159,14 +214,41 @@ def param_shapes(cfg: ModelConfig):
 
 def apply(cfg: ModelConfig, params, tokens_BT: Int[Array, "B T"], *,
           positions_BT=None, segment_ids_BT=None, cache: KVCache | None = None,
-          kv_valid_BS=None, return_hidden: bool = False):
+          kv_valid_BS=None, return_hidden: bool = False, exit_layer: int | None = None,
+          prefix_cache: KVCache | None = None):
   """Forward pass: (logits[B,T,V] f32, cache). With a cache, tokens are written at each
-  row's `cache.lengths` and lengths advance by T."""
+  row's `cache.lengths` and lengths advance by T.
+
+  exit_layer: run only the first k layers, then the early-exit head (params
+    `exit_proj`, `exit_norm`; `decoding.early_exit.init_exit_head`) or, without
+    one, the final norm and LM head. A cache may hold all layers: those past k
+    are returned untouched (self-speculation shares the target's cache).
+  prefix_cache: a filled KVCache with Bp rows (Bp divides B) shared by groups of
+    B / Bp consecutive rows (Hydragen). Their tokens continue after the prefix:
+    `cache` holds only the suffix (slot j == prefix length + j), explicit
+    `positions_BT` are absolute.
+  """
   if cache is None and tokens_BT.shape[1] > cfg.max_seq_len:
     raise ValueError(
         f"sequence length {tokens_BT.shape[1]} exceeds max_seq_len={cfg.max_seq_len}")
+  if exit_layer is not None:
+    if not isinstance(exit_layer, int) or not 1 <= exit_layer <= cfg.n_layers:
+      raise ValueError(f"exit_layer={exit_layer!r} must be an int in [1, {cfg.n_layers}]")
+    if cache is not None and len(cache.k) < exit_layer:
+      raise ValueError(f"cache has {len(cache.k)} layers, exit_layer={exit_layer} needs "
+                       f">= {exit_layer}")
+  if prefix_cache is not None:
+    b = tokens_BT.shape[0]
+    if prefix_cache.batch < 1 or b % prefix_cache.batch:
+      raise ValueError(f"prefix_cache batch {prefix_cache.batch} must divide the token "
+                       f"batch {b}")
+    if segment_ids_BT is not None:
+      raise ValueError("segment_ids_BT (packed rows) cannot be combined with prefix_cache")
+    if len(prefix_cache.k) != cfg.n_layers:
+      raise ValueError(f"prefix_cache has {len(prefix_cache.k)} layers, the model has "
+                       f"{cfg.n_layers}")
   return Transformer(cfg).apply({"params": params}, tokens_BT, positions_BT, segment_ids_BT,
-                                cache, kv_valid_BS, return_hidden)
+                                cache, kv_valid_BS, return_hidden, exit_layer, prefix_cache)
 
 
 def count_params(params) -> int:

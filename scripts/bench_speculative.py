@@ -1,0 +1,216 @@
+r"""Speculative decoding vs plain greedy, batch 1, trained byte-level models.
+
+python -m scripts.bench_speculative --target_workdir=runs/spec_target \
+    --draft_workdir=runs/spec_draft --exit_workdir=runs/spec_exit
+
+Models: scripts/configs/draft.py (:target and :draft, trained by scripts/train.py)
+and the exit head of scripts/train_early_exit.py. Prompts are windows of the
+target's validation split. Every method runs each prompt greedily (batch 1),
+interleaved with the baseline (`decoding.generate`) so machine load hits both
+alike; the best of --repeats is kept. Speculative outputs are checked token for
+token against the baseline. Also times single forward calls (target at T = 1
+and T = gamma + 1, draft at T = 1) to show where the time goes. Writes JSON and
+a markdown table to --out (.json / .md).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+import decoding
+from decoding import early_exit, speculative
+from scripts import checkpoint_lib, data_lib, eval_lib
+
+MACHINE = "2-core CPU container, no accelerator"
+_TARGET = flags.DEFINE_string("target_workdir", None, "Trained target checkpoint workdir.")
+_DRAFT = flags.DEFINE_string("draft_workdir", None, "Trained draft checkpoint workdir.")
+_EXIT = flags.DEFINE_string("exit_workdir", None, "Target + exit head (optional).")
+_PROMPTS = flags.DEFINE_integer("prompts", 4, "Prompts (validation windows).")
+_PROMPT_LEN = flags.DEFINE_integer("prompt_len", 128, "Prompt length in bytes.")
+_NEW = flags.DEFINE_integer("max_new_tokens", 128, "Tokens generated per prompt.")
+_GAMMAS = flags.DEFINE_list("gammas", ["3", "5", "7"], "Fixed draft lengths to time.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats (best kept).")
+_OUT = flags.DEFINE_string("out", "docs/bench_speculative", "Output path without extension.")
+flags.mark_flags_as_required(["target_workdir", "draft_workdir"])
+
+
+def _prompts(workdir: str, n: int, length: int) -> list[list[int]]:
+  stream = data_lib.load_split(eval_lib.data_config_for(workdir), "val")
+  starts = np.linspace(0, len(stream) - length - 1, n).astype(int)
+  return [stream.tokens[s : s + length].astype(int).tolist() for s in starts]
+
+
+def _forward_ms(cfg, params, t: int, exit_layer=None, steps: int = 32, ctx: int = 192) -> float:
+  """Mean time of one cached forward over t tokens (batch 1), from a jitted loop."""
+  step = speculative.model_step_fn(cfg, exit_layer)
+
+  @jax.jit
+  def loop(params, cache):
+    def body(_, carry):
+      cache, tok = carry
+      logits, cache = step(params, jnp.broadcast_to(tok, (1, t)), cache)
+      return cache.replace(lengths=cache.lengths - t + 1), jnp.argmax(logits[:, -1:], -1)
+    return jax.lax.fori_loop(0, steps, body, (cache, jnp.zeros((1, 1), jnp.int32)))[1]
+
+  cache = speculative.model_cache(cfg, 1, 512).replace(lengths=jnp.array([ctx], jnp.int32))
+  jax.block_until_ready(loop(params, cache))
+  best = min(_timed(lambda: loop(params, cache)) for _ in range(5))
+  return 1e3 * best / steps
+
+
+def _timed(fn) -> float:
+  t0 = time.perf_counter()
+  jax.block_until_ready(fn())
+  return time.perf_counter() - t0
+
+
+def run(target_workdir, draft_workdir, exit_workdir, *, n_prompts, prompt_len, max_new, gammas,
+        repeats, log=print) -> dict:
+  """Times every method on every prompt; returns the results dict (also what --out gets)."""
+  tp, tcfg, _ = checkpoint_lib.load_params(target_workdir)
+  dp, dcfg, _ = checkpoint_lib.load_params(draft_workdir)
+  speculative.check_compatible(tcfg, dcfg)
+  prompts = _prompts(target_workdir, n_prompts, prompt_len)
+  t_step = speculative.model_step_fn(tcfg)
+  methods = {"greedy": lambda p: decoding.generate(
+      tp, [p], t_step, max_new_tokens=max_new, cache=functools.partial(decoding.init_cache, tcfg))}
+  spec = functools.partial(speculative.speculative_decode, tcfg, tp, dcfg, dp,
+                           max_new_tokens=max_new)
+  for g in gammas:
+    methods[f"draft, gamma={g}"] = functools.partial(lambda p, g: spec([p], gamma=g), g=g)
+  g_max = max(gammas)
+  methods[f"draft, adaptive (gamma_max={g_max})"] = lambda p: spec(
+      [p], gamma=2, gamma_max=g_max, schedule="heuristic")
+  exit_layer = None
+  if exit_workdir:
+    ep, _, _ = checkpoint_lib.load_params(exit_workdir)
+    exit_layer = int(checkpoint_lib.load_meta(exit_workdir)["exit_layer"])
+    for g in gammas:
+      methods[f"self-spec (exit {exit_layer}), gamma={g}"] = functools.partial(
+          lambda p, g: early_exit.self_speculative_decode(tcfg, ep, exit_layer, [p],
+                                                          max_new_tokens=max_new, gamma=g), g=g)
+  for name, fn in methods.items():  # compile everything first
+    log(f"compiling {name}")
+    fn(prompts[0])
+  best = {name: [np.inf] * len(prompts) for name in methods}
+  outs = {}
+  for r in range(repeats):
+    for i, p in enumerate(prompts):
+      for name, fn in methods.items():
+        t0 = time.perf_counter()
+        out = fn(p)
+        best[name][i] = min(best[name][i], time.perf_counter() - t0)
+        outs[name, i] = out
+    log(f"repeat {r + 1}/{repeats}: greedy {sum(best['greedy']):.2f}s")
+  rows = []
+  base_s = sum(best["greedy"])
+  ref = [np.asarray(outs["greedy", i].tokens[0]).tolist() for i in range(len(prompts))]
+  tokens = sum(int(outs["greedy", i].lengths[0]) for i in range(len(prompts)))
+  for name in methods:
+    secs = sum(best[name])
+    row = {"method": name, "seconds": secs, "tokens_per_s": tokens / secs,
+           "speedup": base_s / secs}
+    if name != "greedy":
+      st = [outs[name, i].stats for i in range(len(prompts))]
+      row["exact_match"] = all(np.asarray(outs[name, i].tokens[0]).tolist() == ref[i]
+                               for i in range(len(prompts)))
+      calls = sum(s.target_calls for s in st)
+      row.update(
+          target_calls=calls, draft_calls=sum(s.draft_calls for s in st),
+          tokens_per_call=tokens / calls,
+          alpha=sum(s.accepted for s in st) / max(sum(s.tested for s in st), 1),
+          mean_gamma=sum(s.mean_gamma * s.target_calls for s in st) / calls)
+      row["expected_tokens_per_call"] = speculative.expected_tokens_per_call(
+          row["alpha"], row["mean_gamma"])
+    rows.append(row)
+  forward = {"target T=1": _forward_ms(tcfg, tp, 1), "draft T=1": _forward_ms(dcfg, dp, 1)}
+  for g in gammas:
+    forward[f"target T={g + 1}"] = _forward_ms(tcfg, tp, g + 1)
+  if exit_layer:
+    forward[f"exit draft (layers < {exit_layer}) T=1"] = _forward_ms(tcfg, ep, 1, exit_layer)
+  exit_meta = None
+  if exit_workdir:
+    m = checkpoint_lib.load_meta(exit_workdir)
+    exit_meta = {k: m[k] for k in ("exit_layer", "steps", "val_kl", "val_agree")}
+  return {"machine": MACHINE, "jax": jax.__version__, "prompts": len(prompts),
+          "prompt_len": prompt_len, "max_new_tokens": max_new, "greedy_tokens": tokens,
+          "target": _model_info(target_workdir, tcfg, tp),
+          "draft": _model_info(draft_workdir, dcfg, dp), "exit": exit_meta,
+          "rows": rows, "forward_ms": forward,
+          "sample": bytes(t for t in ref[0] if t < 256).decode("utf-8", "replace")}
+
+
+def _model_info(workdir: str, cfg, params) -> dict:
+  summary = {}
+  path = os.path.join(workdir, "summary.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      summary = json.load(f)
+  return {"workdir": workdir, "params": int(sum(x.size for x in jax.tree.leaves(params))),
+          "model_config": cfg.to_dict(), "train_steps": summary.get("step"),
+          "val_bpb": summary.get("val_bpb")}
+
+
+def markdown(res: dict, command: str) -> str:
+  """The results as a markdown page (table + where the time goes)."""
+  t, d = res["target"], res["draft"]
+  desc = lambda m: (f"{m['params'] / 1e6:.2f}M params (d={m['model_config']['d_model']}, "
+                    f"{m['model_config']['n_layers']} layers), val {m['val_bpb'] or 0:.2f} "
+                    f"bits/byte after {m['train_steps']} steps")
+  lines = [
+      "# Speculative decoding vs greedy (batch 1)", "",
+      f"Machine: {res['machine']}, jax {res['jax']}. Command: `{command}`", "",
+      f"Target: {desc(t)}. Draft: {desc(d)}. {res['prompts']} prompts of "
+      f"{res['prompt_len']} bytes from the validation split, {res['max_new_tokens']} new "
+      "tokens each, greedy; best of the repeats, methods interleaved.", "",
+      "| method | tok/s | speedup | alpha | mean gamma | tokens / target call | "
+      "(1-a^(g+1))/(1-a) | target calls | draft calls | == greedy |",
+      "|---|---|---|---|---|---|---|---|---|---|"]
+  for r in res["rows"]:
+    if r["method"] == "greedy":
+      lines.append(f"| greedy (decoding.generate) | {r['tokens_per_s']:.1f} | 1.00 | | | 1 | | "
+                   f"{res['greedy_tokens']} | | |")
+      continue
+    lines.append(
+        f"| {r['method']} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f} | {r['alpha']:.3f} | "
+        f"{r['mean_gamma']:.2f} | {r['tokens_per_call']:.2f} | "
+        f"{r['expected_tokens_per_call']:.2f} | {r['target_calls']} | {r['draft_calls']} | "
+        f"{'yes' if r['exact_match'] else 'NO'} |")
+  lines += ["", "Where the time goes: one cached forward at batch 1 (ms, jitted loop):", "",
+            "| call | ms |", "|---|---|"]
+  lines += [f"| {k} | {v:.3f} |" for k, v in res["forward_ms"].items()]
+  lines += ["", "Greedy sample (prompt 0):", "", "```", res["sample"], "```", ""]
+  return "\n".join(lines)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  gammas = [int(g) for g in _GAMMAS.value]
+  if not gammas or min(gammas) < 1:
+    raise SystemExit(f"error: --gammas={_GAMMAS.value} must be integers >= 1")
+  res = run(_TARGET.value, _DRAFT.value, _EXIT.value, n_prompts=_PROMPTS.value,
+            prompt_len=_PROMPT_LEN.value, max_new=_NEW.value, gammas=gammas,
+            repeats=_REPEATS.value)
+  command = "python -m scripts.bench_speculative " + " ".join(
+      f"--{f}={flags.FLAGS[f].value}" for f in ("target_workdir", "draft_workdir", "exit_workdir")
+      if flags.FLAGS[f].value)
+  os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
+  with open(_OUT.value + ".json", "w") as f:
+    json.dump(res, f, indent=2)
+  md = markdown(res, command)
+  with open(_OUT.value + ".md", "w") as f:
+    f.write(md)
+  print(md)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,165 @@
+"""The main job: train -> prune -> quantize -> evaluate -> decode, one report."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import os
+import time
+
+import jax
+import numpy as np
+
+import decoding
+import model
+import quant
+import sparsity
+from scripts import checkpoint_lib, eval_lib, train_lib
+
+
+def _eval(cfg, params, config) -> dict:
+  e = config.eval
+  return eval_lib.evaluate(cfg, params, config.train.data, split=e.split,
+                           max_batches=e.max_batches or None)
+
+
+def _greedy_decode(cfg, params, config) -> dict:
+  """Greedy continuation of the prompt with the KV cache; tok/s from a second (warm) call."""
+  tok = model.ByteTokenizer()
+  prompt = tok.encode(config.decode.prompt, add_bos=True)
+  step_fn = _step_fn(cfg)
+  run = lambda: decoding.generate(
+      params, [prompt], step_fn, max_new_tokens=config.decode.max_new_tokens,
+      cache=functools.partial(decoding.init_cache, cfg), eos_id=tok.eos_id)
+  run()  # compile
+  outs = [run() for _ in range(3)]  # best of 3: the machine may be shared
+  out = min(outs, key=lambda o: o.cost.wall_time_s)
+  n = int(out.lengths[0])
+  return {"text": tok.decode(np.asarray(out.tokens[0, :n])), "tokens": n,
+          "tokens_per_s": n / out.cost.wall_time_s, "cost": out.cost.to_dict()}
+
+
+@functools.cache
+def _step_fn(cfg):
+  return model.logits_fn(cfg)  # one object per config: a static jit key
+
+
+def _sample(cfg, params, config) -> dict:
+  tok = model.ByteTokenizer()
+  d = config.decode
+  n = d.num_samples
+  prompt = tok.encode(d.prompt, add_bos=True)
+  sampler = decoding.Sampler.create(n, temperature=d.temperature, top_p=d.top_p)
+  run = lambda: decoding.generate(
+      params, [prompt] * n, _step_fn(cfg), sampler=sampler, max_new_tokens=d.max_new_tokens,
+      cache=functools.partial(decoding.init_cache, cfg), eos_id=tok.eos_id,
+      key=jax.random.key(d.seed))
+  run()
+  out = run()
+  texts = [tok.decode(np.asarray(out.tokens[i, : int(out.lengths[i])])) for i in range(n)]
+  return {"texts": texts, "tokens": int(out.lengths.sum()),
+          "tokens_per_s": float(out.lengths.sum()) / out.cost.wall_time_s,
+          "cost": out.cost.to_dict()}
+
+
+def run(config, workdir: str) -> dict:
+  """Runs every stage (training resumes from `workdir/float`); returns the report dict."""
+  train_lib.validate_config(config.train, os.path.join(workdir, "float"))
+  sparsity.parse_recipe(config.prune.recipe)
+  quant.parse_recipe(config.quant.recipe)
+  t0 = time.perf_counter()
+  rows, report = {}, {"workdir": os.path.abspath(workdir)}
+
+  print("== 1/5 train (float)", flush=True)
+  res = train_lib.train_and_evaluate(config.train, os.path.join(workdir, "float"))
+  cfg, float_params = res.model_cfg, res.params
+  report["train"] = res.summary
+
+  print(f"== 2/5 prune ({config.prune.recipe})", flush=True)
+  pruned, masks, prune_report = sparsity.prune_with_masks(float_params, config.prune.recipe)
+  pruned_dir = os.path.join(workdir, "pruned")
+  variants = {"float": float_params, f"pruned {config.prune.recipe}": pruned}
+  if config.prune.finetune_steps:
+    ft = copy.deepcopy(config.train)
+    with ft.unlocked():
+      ft.train.steps = config.prune.finetune_steps
+      ft.opt.lr = config.prune.finetune_lr
+      ft.opt.warmup_steps = min(20, ft.train.steps)
+      ft.train.eval_every = 0
+      ft.ckpt.every = ft.train.steps
+    ft_res = train_lib.train_and_evaluate(
+        ft, pruned_dir, init_params=pruned,
+        wrap_optimizer=functools.partial(sparsity.masked, masks=masks))
+    pruned = ft_res.params
+    variants[f"pruned {config.prune.recipe} + {ft.train.steps}-step masked fine-tune"] = pruned
+  else:
+    checkpoint_lib.save_params(pruned_dir, pruned, cfg, meta={"recipe": config.prune.recipe})
+  report["prune"] = {"recipe": config.prune.recipe, "sparsity": sparsity.mask_sparsity(masks),
+                     "report": prune_report["totals"]}
+  with open(os.path.join(pruned_dir, "prune_report.json"), "w") as f:
+    json.dump(prune_report, f, indent=2)
+
+  print(f"== 3/5 quantize ({config.quant.recipe})", flush=True)
+  quant_dir = os.path.join(workdir, "quantized")
+  qparams, q_report = quant.quantize(float_params, config.quant.recipe)
+  qpruned, _ = quant.quantize(pruned, config.quant.recipe)
+  variants[config.quant.recipe] = qparams
+  variants[f"pruned + {config.quant.recipe}"] = qpruned
+  checkpoint_lib.save_params(quant_dir, qparams, cfg, meta={"recipe": config.quant.recipe})
+  with open(os.path.join(quant_dir, "quant_report.json"), "w") as f:
+    json.dump(q_report, f, indent=2)
+
+  print(f"== 4/5 evaluate ({config.eval.split} split) and greedy-decode each variant",
+        flush=True)
+  for name, params in variants.items():
+    ev = _eval(cfg, params, config)
+    dec = _greedy_decode(cfg, params, config)
+    nonzero = sum(int(np.count_nonzero(np.asarray(x))) for x in jax.tree.leaves(params))
+    rows[name] = {"bpb": ev["bpb"], "param_bytes": eval_lib.param_bytes(params),
+                  "nonzeros": nonzero, "decode_tokens_per_s": dec["tokens_per_s"],
+                  "continuation": dec["text"]}
+  report["variants"] = rows
+
+  print("== 5/5 sample", flush=True)
+  report["sample"] = _sample(cfg, float_params, config)
+  report["unigram_entropy_bits"] = res.summary["unigram_entropy_bits"]
+  report["wall_time_s"] = time.perf_counter() - t0
+  with open(os.path.join(workdir, "report.json"), "w") as f:
+    json.dump(report, f, indent=2)
+  return report
+
+
+def format_report(report: dict, config) -> str:
+  """The main job's closing table plus paths."""
+  tr = report["train"]
+  lines = [
+      "",
+      f"model: {tr['params']:,} params, {tr['step']} steps, "
+      f"{(tr['tokens_per_s'] or 0) / 1e3:.1f}k train tokens/s",
+      f"unigram byte entropy of the corpus: {report['unigram_entropy_bits']:.3f} bits; "
+      f"float validation bits/byte: {tr['val_bpb']:.3f}",
+      "",
+      f"| variant | {config.eval.split} bits/byte | param bytes | non-zero weights "
+      "| greedy decode tok/s |",
+      "|---|---:|---:|---:|---:|",
+  ]
+  for name, r in report["variants"].items():
+    lines.append(f"| {name} | {r['bpb']:.3f} | {r['param_bytes']:,} | "
+                 f"{r['nonzeros']:,} | {r['decode_tokens_per_s']:.0f} |")
+  s = report["sample"]
+  first = next(iter(report["variants"].values()))
+  lines += [
+      "",
+      f"sampling (T={config.decode.temperature}, top_p={config.decode.top_p}, "
+      f"{config.decode.num_samples} rows): {s['tokens_per_s']:.0f} tok/s",
+      "",
+      "greedy continuation (float):",
+      config.decode.prompt + first["continuation"],
+      "",
+      f"report:      {os.path.join(report['workdir'], 'report.json')}",
+      f"checkpoints: {report['workdir']}/{{float,pruned,quantized}}/checkpoints",
+      f"metrics:     {report['workdir']}/float/metrics.jsonl (TensorBoard: .../float/tb)",
+      f"total wall time: {report['wall_time_s'] / 60:.1f} min",
+  ]
+  return "\n".join(lines)
