@@ -7,8 +7,9 @@ output distribution is exactly the target's (p and q are the sampler's
 processed distributions, `sampling.process_logits`), and greedy rows (one-hot
 p and q) reproduce the target's greedy output. gamma can adapt per round
 (`schedule="heuristic"`, Hugging Face's rule: +2 after a fully accepted round,
--1 otherwise); the target always verifies `gamma_max + 1` positions, so shapes
-stay fixed.
+-1 otherwise); the target verifies `gamma_max + 1` positions, or, with
+`verify_buckets`, the smallest of a few fixed widths that covers gamma + 1, so
+shapes stay static.
 
 With `draft_cache=None` the draft shares the target's cache (self-speculation:
 the draft is the target's first layers, see `decoding.early_exit`).
@@ -103,7 +104,8 @@ def speculative_generate(target_params, draft_params, prompt_tokens, *,
                          draft_cache: KVCache | Callable[[int, int], KVCache] | None = None,
                          sampler: Sampler | None = None, gamma: int = 4,
                          gamma_max: int | None = None, schedule: str = "fixed",
-                         prompt_lengths=None, key: Array | None = None,
+                         verify_buckets: bool | None = None, prompt_lengths=None,
+                         key: Array | None = None,
                          eos_id: int | Sequence[int] | None = None,
                          stop_sequences: Sequence[Sequence[int]] = (), pad_id: int = 0,
                          draft_cost_params=None) -> SpeculativeOutput:
@@ -119,6 +121,10 @@ def speculative_generate(target_params, draft_params, prompt_tokens, *,
     gamma_max: the adaptive cap and the verify width - 1 (default: gamma, or
       2 * gamma under "heuristic"). It is the only static one: gamma and the
       schedule are traced, so calls that share gamma_max share one compilation.
+    verify_buckets: verify only the first w >= gamma + 1 positions, w from
+      {2, 3, 5, 9, ...} and gamma_max + 1 (one compiled target forward per width):
+      cheaper rounds when gamma is small, where verify cost grows with width
+      (CPUs). Default: on for schedule="heuristic".
     draft_cost_params: the params the draft actually reads, for the Cost record
       (default draft_params).
   Other arguments as in `decoding.generate`.
@@ -149,6 +155,8 @@ def speculative_generate(target_params, draft_params, prompt_tokens, *,
       _check_cache(name, c, b, max_prompt, need)
   _check_vocab(target_params, draft_params, target_step_fn, draft_step_fn, target_cache,
                draft_cache, b)
+  widths = verify_widths(int(gamma_max), schedule == "heuristic" if verify_buckets is None
+                         else verify_buckets)
   eos_E = jnp.asarray(np.atleast_1d(np.asarray(-1 if eos_id is None else eos_id, np.int32)))
   stop_NS = jnp.asarray(prompts_lib.stop_array(stop_sequences))
   keys_B = prompts_lib.row_keys(key, b)
@@ -158,17 +166,26 @@ def speculative_generate(target_params, draft_params, prompt_tokens, *,
       target_params, draft_params, jnp.asarray(prompt_BP), jnp.asarray(lens_B), sampler, keys_B,
       target_cache, draft_cache, eos_E, stop_NS, jnp.int32(max_new_tokens), jnp.int32(pad_id),
       jnp.int32(gamma), jnp.bool_(schedule == "heuristic"), target_step_fn=target_step_fn,
-      draft_step_fn=draft_step_fn, prefill_len=t, buf_len=buf, gamma_max=int(gamma_max))
+      draft_step_fn=draft_step_fn, prefill_len=t, buf_len=buf, gamma_max=int(gamma_max),
+      widths=widths)
   out = jax.block_until_ready(out)
   wall = time.perf_counter() - t0
   stats = _stats(out)
   sizes = dict(target=target_cache, draft=draft_cache)
-  cost = _cost(target_params, draft_cost_params or draft_params, sizes, b, t, gamma_max, stats,
-               int(out.lengths_B.sum()), wall)
+  cost = _cost(target_params, draft_cost_params or draft_params, sizes, b, t,
+               int(out.verify_tokens), stats, int(out.lengths_B.sum()), wall)
   tokens_BL = out.tokens_BL[:, :max_new_tokens]
   return SpeculativeOutput(tokens=tokens_BL, logprobs=out.logprobs_BL[:, :max_new_tokens],
                            lengths=out.lengths_B, finish_reason=out.reason_B, cost=cost,
                            stats=stats)
+
+
+def verify_widths(gamma_max: int, buckets: bool) -> tuple[int, ...]:
+  """Verify widths: gamma_max + 1 alone, or 2^k + 1 below it as well."""
+  if not buckets:
+    return (gamma_max + 1,)
+  small = {2 ** k + 1 for k in range(gamma_max.bit_length()) if 2 ** k + 1 < gamma_max + 1}
+  return tuple(sorted(small | {gamma_max + 1}))
 
 
 def _check_cache(name: str, cache: KVCache, b: int, max_prompt: int, need: int) -> None:
@@ -212,9 +229,9 @@ def _stats(out) -> SpeculativeStats:
       accepted=acc, tested=tested)
 
 
-def _cost(tp, dp, caches: dict, b: int, t: int, gamma_max: int, s: SpeculativeStats,
+def _cost(tp, dp, caches: dict, b: int, t: int, verify_tokens: int, s: SpeculativeStats,
           tokens: int, wall: float) -> cost_lib.Cost:
-  """Prefill(s), verify calls over gamma_max + 1 positions and one-token draft calls."""
+  """Prefill(s), the verify calls (`verify_tokens` positions per row) and draft calls."""
   total = cost_lib.Cost(tokens=tokens, wall_time_s=wall)
   tc, dc = caches["target"], caches["draft"]
 
@@ -230,7 +247,10 @@ def _cost(tp, dp, caches: dict, b: int, t: int, gamma_max: int, s: SpeculativeSt
     total += calls(tp, tc, 1, b * t)
     if dc is not None:
       total += calls(dp, dc, 1, b * t)
-  total += calls(tp, tc, s.target_calls, b * (gamma_max + 1))
+  if s.target_calls:
+    width = verify_tokens / s.target_calls
+    total += calls(tp, tc, s.target_calls, b * width).replace(
+        forward_tokens=b * verify_tokens)
   total += calls(dp, tc if dc is None else dc, s.draft_calls, b)
   return total
 

@@ -4,7 +4,9 @@ Per row, with n committed tokens x_0..x_{n-1} (prompt + generated), the target
 cache holds x_0..x_{n-2} (lengths L = n - 1) and x_{n-1} is fed next. A round:
   1. draft: gamma tokens d_1..d_g, each sampled from the draft's processed q;
   2. verify: the target runs [x_{n-1}, d_1..d_G] (G = gamma_max) at slot L,
-     giving p_0..p_G; rolling back is setting lengths, as slot j == position j;
+     giving p_0..p_G; rolling back is setting lengths, as slot j == position j.
+     With several `verify_widths`, only the first w >= g + 1 positions run
+     (a lax.switch over one compiled forward per width);
   3. accept the first a drafts (u_i * q(d_i) < p(d_i)), then one token from
      normalize(max(p_a - q_a, 0)) (q_a = 0 for the bonus a == g).
 A separate draft cache is kept at the same lengths as the target's.
@@ -12,6 +14,7 @@ A separate draft cache is kept at the same lengths as the target's.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -30,6 +33,7 @@ class State(NamedTuple):
   gamma: Array  # this round's draft length
   gamma_sum: Array
   draft_calls: Array
+  verify_tokens: Array  # positions the target verified, per row, summed over rounds
   next_B: Array  # last committed token (not yet in the target cache)
   tokens_BL: Array
   logprobs_BL: Array
@@ -108,26 +112,34 @@ def _accept(p_BJV, q_BGV, drafts_BG, gamma, keys_BK, gamma_max):
   return a_B, tok_B
 
 
-def _verify(st: State, dc, drafts_BG, tparams, sampler, *, target_step_fn):
-  """Target logits p_0..p_G (processed) and raw log-probs for [next, d_1..d_G]."""
+def _verify(st: State, dc, drafts_BG, tparams, sampler, *, target_step_fn, widths):
+  """Target logits p_0..p_G (processed), raw log-probs for [next, d_1..d_G], width used."""
   b, v = st.seen_BV.shape
   g1 = drafts_BG.shape[1] + 1
   # A shared-cache draft wrote into the target's buffers: verify overwrites its slots.
   tc = (dc if st.dcache is None else st.tcache).replace(lengths=st.tcache.lengths)
   tokens_BJ = jnp.concatenate([st.next_B[:, None], drafts_BG], axis=1)
-  logits_BJV, tc = target_step_fn(tparams, tokens_BJ, tc)
-  logits_BJV = logits_BJV.astype(jnp.float32)
+
+  def verify(w, tc):
+    logits_BWV, tc = target_step_fn(tparams, tokens_BJ[:, :w], tc)
+    return jnp.pad(logits_BWV.astype(jnp.float32), ((0, 0), (0, g1 - w), (0, 0))), tc
+
+  idx = jnp.minimum(jnp.searchsorted(jnp.asarray(widths), st.gamma + 1), len(widths) - 1)
+  if len(widths) == 1:
+    logits_BJV, tc = verify(widths[0], tc)
+  else:
+    logits_BJV, tc = jax.lax.switch(idx, [functools.partial(verify, w) for w in widths], tc)
   # Position j sees the drafts before it as already generated (repetition penalty).
   hit_BGV = jax.nn.one_hot(drafts_BG, v, dtype=jnp.int32).cumsum(axis=1) > 0
   seen_BJV = jnp.concatenate([st.seen_BV[:, None], st.seen_BV[:, None] | hit_BGV], axis=1)
   rows = jnp.repeat(jnp.arange(b), g1)
   p_BJV = dist_logits(logits_BJV.reshape(b * g1, v), sampler.take(rows),
                       seen_BJV.reshape(b * g1, v)).reshape(b, g1, v)
-  return p_BJV, jax.nn.log_softmax(logits_BJV, axis=-1), tc
+  return p_BJV, jax.nn.log_softmax(logits_BJV, axis=-1), tc, jnp.asarray(widths)[idx]
 
 
 def _round(st: State, tparams, dparams, sampler, keys_B, eos_E, stop_NS, max_new, adaptive, *,
-           target_step_fn, draft_step_fn, gamma_max) -> State:
+           target_step_fn, draft_step_fn, gamma_max, widths) -> State:
   b = st.next_B.shape[0]
   active_B = ~st.done_B
   L_B = st.tcache.lengths
@@ -135,8 +147,8 @@ def _round(st: State, tparams, dparams, sampler, keys_B, eos_E, stop_NS, max_new
   keys_BK = jax.vmap(lambda k: jax.random.split(k, 2 * gamma_max + 2))(row_keys_B)
   dc, drafts_BG, q_BGV, n_calls = _draft(st, dparams, sampler, keys_BK,
                                          draft_step_fn=draft_step_fn, gamma_max=gamma_max)
-  p_BJV, logp_BJV, tc = _verify(st, dc, drafts_BG, tparams, sampler,
-                                target_step_fn=target_step_fn)
+  p_BJV, logp_BJV, tc, width = _verify(st, dc, drafts_BG, tparams, sampler,
+                                       target_step_fn=target_step_fn, widths=widths)
   a_B, tok_B = _accept(p_BJV, q_BGV, drafts_BG, st.gamma, keys_BK, gamma_max)
 
   # The committed chunk: d_1..d_a, then tok; later entries are overwritten next round.
@@ -179,7 +191,7 @@ def _round(st: State, tparams, dparams, sampler, keys_B, eos_E, stop_NS, max_new
   gamma = jnp.where(adaptive, stepped, st.gamma).astype(jnp.int32)
   return State(
       rounds=st.rounds + 1, gamma=gamma, gamma_sum=st.gamma_sum + st.gamma,
-      draft_calls=st.draft_calls + n_calls,
+      draft_calls=st.draft_calls + n_calls, verify_tokens=st.verify_tokens + width,
       next_B=jnp.where(active_B, last_B, st.next_B),
       tokens_BL=tokens_BL, logprobs_BL=logprobs_BL, lengths_B=st.lengths_B + count_B,
       done_B=reason_B != int(Finish.RUNNING), reason_B=reason_B, seen_BV=seen_BV, tcache=tc,
@@ -192,7 +204,7 @@ def _round(st: State, tparams, dparams, sampler, keys_B, eos_E, stop_NS, max_new
 
 def run(tparams, dparams, prompt_BP, lens_B, sampler, keys_B, tcache, dcache, eos_E, stop_NS,
         max_new, pad_id, gamma, adaptive, *, target_step_fn, draft_step_fn, prefill_len,
-        buf_len, gamma_max) -> State:
+        buf_len, gamma_max, widths) -> State:
   """Prefill both caches, then rounds until every row is done; returns the final State."""
   b = prompt_BP.shape[0]
   tcache, last_B = prefill(tparams, target_step_fn, prompt_BP, lens_B, tcache, prefill_len)
@@ -206,7 +218,7 @@ def run(tparams, dparams, prompt_BP, lens_B, sampler, keys_B, tcache, dcache, eo
   width = buf_len + gamma_max + 1
   st = State(
       rounds=jnp.int32(0), gamma=gamma.astype(jnp.int32), gamma_sum=jnp.int32(0),
-      draft_calls=jnp.int32(0), next_B=last_B,
+      draft_calls=jnp.int32(0), verify_tokens=jnp.int32(0), next_B=last_B,
       tokens_BL=jnp.full((b, width), pad_id, jnp.int32),
       logprobs_BL=jnp.zeros((b, width), jnp.float32), lengths_B=zeros_B,
       done_B=jnp.zeros((b,), bool), reason_B=zeros_B, seen_BV=seen_BV, tcache=tcache,
@@ -214,7 +226,7 @@ def run(tparams, dparams, prompt_BP, lens_B, sampler, keys_B, tcache, dcache, eo
       active_rounds_B=zeros_B)
   body = lambda s: _round(s, tparams, dparams, sampler, keys_B, eos_E, stop_NS, max_new,
                           adaptive, target_step_fn=target_step_fn, draft_step_fn=draft_step_fn,
-                          gamma_max=gamma_max)
+                          gamma_max=gamma_max, widths=widths)
   st = jax.lax.while_loop(lambda s: ~jnp.all(s.done_B) & (s.rounds < buf_len), body, st)
   valid_BL = jnp.arange(width)[None] < st.lengths_B[:, None]
   return st._replace(tokens_BL=jnp.where(valid_BL, st.tokens_BL, pad_id),
@@ -223,5 +235,5 @@ def run(tparams, dparams, prompt_BP, lens_B, sampler, keys_B, tcache, dcache, eo
 
 run_jit = jax.jit(
     run, static_argnames=("target_step_fn", "draft_step_fn", "prefill_len", "buf_len",
-                          "gamma_max"),
+                          "gamma_max", "widths"),
     donate_argnames=("tcache", "dcache"))

@@ -9,8 +9,9 @@ queries to it in one batched matmul, merged with each row's suffix attention
 by log-sum-exp; "naive" keeps N copies (the layout of ordinary batched
 sampling). Decode throughput = N * new tokens / decode wall time (best of
 --repeats, after a compile run). Random weights: speed does not depend on them.
-Models: the 25M decode-benchmark shape (d=512) and one wide layer (d=2048),
-where the prompt's attention FLOPs are small next to the weights' FLOPs.
+Models: the 25M decode-benchmark shape (d=512, 8 layers), and single wide
+layers (d=2048; d=4096 shaped like Llama-2-7B) standing in for large models,
+where the prompt's attention FLOPs (~P / 6d of the weights') stay small.
 Writes docs/bench_shared_prefix.{json,md}.
 """
 
@@ -37,12 +38,15 @@ MODELS = {
     "wide": model.ModelConfig(  # one d=2048 layer
         vocab_size=256, d_model=2048, n_layers=1, n_heads=16, n_kv_heads=8, ffn_dim=5632,
         max_seq_len=8192),
+    "7b-layer": model.ModelConfig(  # one Llama-2-7B-shaped layer (GQA 32 / 8 heads)
+        vocab_size=256, d_model=4096, n_layers=1, n_heads=32, n_kv_heads=8, ffn_dim=11008,
+        max_seq_len=8192),
 }
 _LENGTHS = flags.DEFINE_list("lengths", ["256", "1024", "4096"], "Shared prompt lengths.")
 _N = flags.DEFINE_integer("n", 32, "Samples per prompt.")
 _NEW = flags.DEFINE_integer("max_new_tokens", 64, "New tokens per sample.")
 _REPEATS = flags.DEFINE_integer("repeats", 2, "Timed repeats (best kept).")
-_MODELS = flags.DEFINE_list("models", list(MODELS), "Which models (names in MODELS).")
+_MODELS = flags.DEFINE_list("models", list(MODELS), "Models (names in MODELS).")
 _OUT = flags.DEFINE_string("out", "docs/bench_shared_prefix", "Output path without extension.")
 
 

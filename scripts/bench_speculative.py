@@ -171,6 +171,10 @@ def markdown(res: dict, command: str) -> str:
       f"Target: {desc(t)}. Draft: {desc(d)}. {res['prompts']} prompts of "
       f"{res['prompt_len']} bytes from the validation split, {res['max_new_tokens']} new "
       "tokens each, greedy; best of the repeats, methods interleaved.", "",
+      "Models: `python -m scripts.train --config=scripts/configs/draft.py:draft "
+      "--workdir=runs/spec_draft`, the same with `:target` (`runs/spec_target`), and "
+      "`python -m scripts.train_early_exit --target_workdir=runs/spec_target --exit_layer=1 "
+      "--steps=80 --batch_size=4 --workdir=runs/spec_exit`.", "",
       "| method | tok/s | speedup | alpha | mean gamma | tokens / target call | "
       "(1-a^(g+1))/(1-a) | target calls | draft calls | == greedy |",
       "|---|---|---|---|---|---|---|---|---|---|"]
@@ -200,9 +204,10 @@ def main(argv):
   res = run(_TARGET.value, _DRAFT.value, _EXIT.value, n_prompts=_PROMPTS.value,
             prompt_len=_PROMPT_LEN.value, max_new=_NEW.value, gammas=gammas,
             repeats=_REPEATS.value)
+  names = ("target_workdir", "draft_workdir", "exit_workdir", "prompts", "repeats", "gammas")
+  value = lambda v: ",".join(v) if isinstance(v, list) else v
   command = "python -m scripts.bench_speculative " + " ".join(
-      f"--{f}={flags.FLAGS[f].value}" for f in ("target_workdir", "draft_workdir", "exit_workdir")
-      if flags.FLAGS[f].value)
+      f"--{f}={value(flags.FLAGS[f].value)}" for f in names if flags.FLAGS[f].value)
   os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
   with open(_OUT.value + ".json", "w") as f:
     json.dump(res, f, indent=2)

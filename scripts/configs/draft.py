@@ -19,7 +19,7 @@ MODELS = {
     "draft": dict(d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=384),
     "target": dict(d_model=512, n_layers=4, n_heads=8, n_kv_heads=4, ffn_dim=1536),
 }
-STEPS = {"draft": 600, "target": 300}
+STEPS = {"draft": 600, "target": 700}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -157,7 +157,7 @@ def test_bad_input_fails_before_compute(params, kw, match):
 
 @pytest.mark.parametrize("b, t", [(1, 1), (1, 3), (3, 1), (3, 4)])
 def test_few_query_attention_equals_reference(b, t):
-  """The decode-step attention path (<= FEW_QUERIES queries) against the reference."""
+  """Decode-shaped attention (few queries, ragged valid keys): xla path == reference."""
   rng = np.random.RandomState(b * 10 + t)
   q = jnp.asarray(rng.randn(b, t, 4, 16), jnp.float32)
   k, v = (jnp.asarray(rng.randn(b, 24, 2, 16), jnp.float32) for _ in range(2))
@@ -181,8 +181,9 @@ def test_quantized_params_run_unchanged(params):
 _SHARDED = textwrap.dedent("""
     import functools, json, jax, numpy as np
     import decoding, model
+    from tests.decoding.conftest import random_params
     cfg = model.get_preset("test")
-    params = model.init(cfg, jax.random.key(0))
+    params = random_params(cfg)
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
     s = decoding.Sampler.create(4, temperature=1.0, top_p=0.9)
     out = decoding.generate(params, {prompts}, model.logits_fn(cfg), sampler=s, max_new_tokens=8,

@@ -45,14 +45,18 @@ def test_expected_tokens_per_call_closed_form():
 
 
 def test_greedy_equals_target_greedy(models):
-  """Several gamma (fixed and adaptive), ragged batch, per-row acceptance, EOS and stops."""
+  """Several gamma (fixed and adaptive), ragged batch, per-row acceptance, EOS and stops.
+
+  Bucketed verify (widths 2, 3, 5 for gamma_max = 4) keeps one compilation for all runs and
+  exercises every switch branch.
+  """
   tp, dp, ref = models
   eos, stop = ref[0][5], ref[2][3:5]  # force an EOS stop in row 0, a stop sequence in row 2
   want = [_truncate(r, eos, stop) for r in ref]
   for gamma, schedule in ((1, "fixed"), (2, "fixed"), (4, "fixed"), (1, "heuristic")):
     out = speculative.speculative_decode(
         CFG, tp, DRAFT_CFG, dp, PROMPTS, max_new_tokens=N_NEW, gamma=gamma, gamma_max=4,
-        schedule=schedule, eos_id=eos, stop_sequences=[stop])
+        schedule=schedule, eos_id=eos, stop_sequences=[stop], verify_buckets=True)
     for row, (seq, reason) in enumerate(want):
       n = int(out.lengths[row])
       assert out.tokens[row, :n].tolist() == seq, (gamma, schedule, row)
@@ -63,6 +67,9 @@ def test_greedy_equals_target_greedy(models):
     assert 0.0 <= s.alpha <= 1.0 and s.tokens_per_call >= 1.0
     assert out.cost.tokens == sum(len(w[0]) for w in want)
     assert out.cost.forward_passes == 2 + s.target_calls + s.draft_calls  # + both prefills
+    if schedule == "fixed":  # verify width gamma + 1 for 3 rows, prefills of 16 for 2 models
+      assert out.cost.forward_tokens == 2 * 3 * 16 + 3 * (
+          (gamma + 1) * s.target_calls + s.draft_calls)
 
 
 def test_self_speculative_greedy_equals_target(models):
