@@ -86,7 +86,7 @@ def generation_cost(params, cache, *, prefill_rows: int, prefill_len: int, steps
                     step_rows: int, tokens: int, wall_time_s: float) -> Cost:
   """A prefill of `prefill_rows` x `prefill_len` tokens, then `steps` one-token passes over
   `step_rows` rows, every query attending over the cache's `max_len` slots (as computed)."""
-  kh, dh = cache.k[0].shape[2], cache.k[0].shape[3]
+  kh, dh = cache.v[0].shape[1], cache.v[0].shape[3]
   n_layers, s, row_bytes = len(cache.k), cache.max_len, cache.nbytes / cache.batch
   h = query_heads(params, kh, dh)
   total = Cost(tokens=tokens, wall_time_s=wall_time_s)

@@ -236,7 +236,7 @@ def _cost(tp, dp, caches: dict, b: int, t: int, verify_tokens: int, s: Speculati
   tc, dc = caches["target"], caches["draft"]
 
   def calls(params, cache, n_calls, n_tok):
-    kh, dh = cache.k[0].shape[2], cache.k[0].shape[3]
+    kh, dh = cache.v[0].shape[1], cache.v[0].shape[3]
     h = cost_lib.query_heads(params, kh, dh)
     one = cost_lib.forward_cost(params, n_tok, kv_read_bytes=cache.nbytes, attn_flops=(
         cost_lib.attention_flops(len(cache.k), h, dh, n_tok, cache.max_len)))

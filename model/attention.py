@@ -58,27 +58,54 @@ class AttentionMask:
     return m
 
 
-def attention(q_BTHD: Float[Array, "B T H Dh"], k_BSKD: Float[Array, "B S K Dh"],
-              v_BSKD: Float[Array, "B S K Dh"], *, mask: AttentionMask, impl: str = "xla",
-              scale: float | None = None, return_lse: bool = False):
+def attention(q_BTHD: Float[Array, "B T H Dh"], k: Float[Array, "B S K Dh"],
+              v: Float[Array, "B S K Dh"], *, mask: AttentionMask, impl: str = "xla",
+              scale: float | None = None, return_lse: bool = False,
+              kv_heads_major: bool = False):
   """Softmax attention with grouped kv heads (K divides H).
 
-  Returns out[B, T, H, Dh], and with `return_lse` also lse[B, T, H] (natural log
-  of the softmax normaliser) so partial attentions can be merged exactly.
+  k, v are [B, S, K, Dh], or with `kv_heads_major` the KV cache's layouts
+  k [B, K, Dh, S] and v [B, K, S, Dh]. Returns out[B, T, H, Dh], and with
+  `return_lse` also lse[B, T, H] (natural log of the softmax normaliser) so
+  partial attentions can be merged exactly.
   """
+  if impl not in ("reference", "xla"):
+    raise ValueError(f"attention impl={impl!r}; valid: 'reference', 'xla'")
   b, t, h, dh = q_BTHD.shape
-  s, kh = k_BSKD.shape[1], k_BSKD.shape[2]
+  s, kh = (k.shape[3], k.shape[1]) if kv_heads_major else (k.shape[1], k.shape[2])
   if h % kh:
     raise ValueError(f"kv heads {kh} must divide query heads {h}")
   scale = dh ** -0.5 if scale is None else scale
   mask_BTS = mask.materialize(b, t, s)
+  if impl == "xla" and kv_heads_major:
+    return _heads_major(q_BTHD, k, v, mask_BTS, scale, return_lse)
+  if kv_heads_major:
+    k, v = jnp.transpose(k, (0, 3, 1, 2)), jnp.swapaxes(v, 1, 2)
   if impl == "xla" and not return_lse:
     out = jax.nn.dot_product_attention(
-        q_BTHD, k_BSKD, v_BSKD, mask=mask_BTS[:, None], scale=scale, implementation="xla")
+        q_BTHD, k, v, mask=mask_BTS[:, None], scale=scale, implementation="xla")
     return out.astype(q_BTHD.dtype)
-  if impl not in ("reference", "xla"):
-    raise ValueError(f"attention impl={impl!r}; valid: 'reference', 'xla'")
-  return _reference(q_BTHD, k_BSKD, v_BSKD, mask_BTS, scale, return_lse)
+  return _reference(q_BTHD, k, v, mask_BTS, scale, return_lse)
+
+
+def _heads_major(q_BTHD, k_BKDS, v_BKSD, mask_BTS, scale, return_lse):
+  """Attention against k [B, K, Dh, S] and v [B, K, S, Dh]: both batched dots find their
+  operands in the layout XLA wants, so a KV cache is read in place, never transposed."""
+  b, t, h, dh = q_BTHD.shape
+  kh = k_BKDS.shape[1]
+  dtype = k_BKDS.dtype
+  q_BKGTD = jnp.transpose(q_BTHD.reshape(b, t, kh, h // kh, dh), (0, 2, 3, 1, 4)).astype(dtype)
+  logits_BKGTS = jnp.einsum("bkgtd,bkds->bkgts", q_BKGTD, k_BKDS,
+                            preferred_element_type=jnp.float32) * scale
+  logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, _NEG)
+  lse_BKGT = jax.nn.logsumexp(logits_BKGTS, axis=-1)
+  probs_BKGTS = jnp.exp(logits_BKGTS - lse_BKGT[..., None]).astype(v_BKSD.dtype)
+  out_BKGTD = jnp.einsum("bkgts,bksd->bkgtd", probs_BKGTS, v_BKSD,
+                         preferred_element_type=jnp.float32)
+  out = jnp.transpose(out_BKGTD, (0, 3, 1, 2, 4)).reshape(b, t, h, dh).astype(q_BTHD.dtype)
+  if not return_lse:
+    return out
+  return out, jnp.transpose(lse_BKGT, (0, 3, 1, 2)).reshape(b, t, h)
 
 
 def _reference(q_BTHD, k_BSKD, v_BSKD, mask_BTS, scale, return_lse):

@@ -41,31 +41,37 @@ class Attention(nn.Module):
     rope = dict(theta=cfg.rope_theta, scaling=cfg.rope_scaling)
     q_BTHD = apply_rope(q_BTHD, positions_BT, **rope)
     k_BTKD = apply_rope(k_BTKD, positions_BT, **rope)
-    if kv is not None:
+    if kv is not None:  # cache buffers: k [B, K, Dh, S], v [B, K, S, Dh]
       k_cache, v_cache, start_B = kv
-      k_BSKD = write(k_cache, k_BTKD, start_B)
-      v_BSKD = write(v_cache, v_BTKD, start_B)
-      new_kv = (k_BSKD, v_BSKD)
-    else:
-      k_BSKD, v_BSKD, new_kv = k_BTKD, v_BTKD, None
-    k_BSKD, v_BSKD = k_BSKD.astype(q_BTHD.dtype), v_BSKD.astype(q_BTHD.dtype)
+      k_all = write(k_cache, k_BTKD, start_B, slot_axis=3)
+      v_all = write(v_cache, v_BTKD, start_B, slot_axis=2)
+      new_kv = (k_all, v_all)
+    else:  # [B, T, K, Dh]
+      k_all, v_all, new_kv = k_BTKD, v_BTKD, None
+    k_all, v_all = k_all.astype(q_BTHD.dtype), v_all.astype(q_BTHD.dtype)
+    heads_major = kv is not None
     if prefix_kv is None:
-      out_BTHD = attention(q_BTHD, k_BSKD, v_BSKD, mask=mask, impl=cfg.attn_impl)
+      out_BTHD = attention(q_BTHD, k_all, v_all, mask=mask, impl=cfg.attn_impl,
+                           kv_heads_major=heads_major)
     else:
-      out_BTHD = _prefix_attention(cfg, q_BTHD, k_BSKD, v_BSKD, mask, *prefix_kv)
+      out_BTHD = _prefix_attention(cfg, q_BTHD, k_all, v_all, mask, *prefix_kv,
+                                   heads_major=heads_major)
     return _dense(cfg, cfg.d_model, "o")(out_BTHD.reshape(b, t, h * dh)), new_kv
 
 
-def _prefix_attention(cfg, q_BTHD, k_BSKD, v_BSKD, mask, pk_PSKD, pv_PSKD, prefix_mask):
-  """Suffix attention per row, plus one batched attention of each row group to its prefix."""
+def _prefix_attention(cfg, q_BTHD, k, v, mask, pk_PKDS, pv_PKSD, prefix_mask, *, heads_major):
+  """Suffix attention per row, plus one batched attention of each row group to its prefix.
+
+  The prefix buffers are a KV cache's (Bp rows); k, v as in `attention`."""
   b, t, h, dh = q_BTHD.shape
-  bp = pk_PSKD.shape[0]
+  bp = pk_PKDS.shape[0]
   q_PMHD = q_BTHD.reshape(bp, (b // bp) * t, h, dh)  # rows of a group become queries
   dtype = q_BTHD.dtype
-  out_p, lse_p = attention(q_PMHD, pk_PSKD.astype(dtype), pv_PSKD.astype(dtype),
-                           mask=prefix_mask, impl=cfg.attn_impl, return_lse=True)
-  out_s, lse_s = attention(q_BTHD, k_BSKD, v_BSKD, mask=mask, impl=cfg.attn_impl,
-                           return_lse=True)
+  out_p, lse_p = attention(q_PMHD, pk_PKDS.astype(dtype), pv_PKSD.astype(dtype),
+                           mask=prefix_mask, impl=cfg.attn_impl, return_lse=True,
+                           kv_heads_major=True)
+  out_s, lse_s = attention(q_BTHD, k, v, mask=mask, impl=cfg.attn_impl, return_lse=True,
+                           kv_heads_major=heads_major)
   out_BTHD, _ = merge_partials(out_p.reshape(b, t, h, dh), lse_p.reshape(b, t, h), out_s, lse_s)
   return out_BTHD
 

@@ -98,9 +98,16 @@ def restore_train_state(mgr: ocp.CheckpointManager, step: int, abstract_params,
 
 
 def save_params(workdir: str, params, model_cfg: ModelConfig, step: int = 0,
-                meta: dict | None = None) -> str:
-  """Saves a params-only checkpoint (e.g. a pruned or quantized model); returns its folder."""
+                meta: dict | None = None, replace: bool = False) -> str:
+  """Saves a params-only checkpoint (e.g. a pruned or quantized model); returns its folder.
+
+  replace: an existing checkpoint at `step` is deleted first (for outputs derived
+  again on a resumed run; a kill in between leaves no checkpoint at `step`, never a
+  partial one). Without it an existing step is an error.
+  """
   mgr = manager(workdir)
+  if replace and step in mgr.all_steps():
+    mgr.delete(step)
   save(mgr, step, params, model_cfg, meta=meta)
   mgr.close()
   return os.path.join(mgr.directory, str(step))

@@ -1,7 +1,8 @@
 """Text generation from a checkpoint or a Hugging Face dir (the library behind generate.py).
 
-Methods live in `METHODS`: name -> fn(run: Run, prompts: list[list[int]], opts) -> list[dict].
-Adding a decoding method (e.g. speculative) is one function plus one registry entry.
+Methods live in `METHODS`: name -> fn(run: Run, prompts: list[list[int]], opts) -> list[dict]:
+sample, beam, and speculative (`scripts.speculative_lib`). Adding a decoding method is one
+function plus one registry entry.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import decoding
 import model
 from model.config import ModelConfig
 from model.tokenizer import Tokenizer, get_tokenizer
+from scripts import speculative_lib
 
 
 @dataclasses.dataclass
@@ -158,10 +160,10 @@ def _with_cost(results: list[dict], cost: decoding.Cost) -> list[dict]:
   return results
 
 
-# The speculative-decoding helper registers "speculative" here.
 METHODS: dict[str, Callable[[Run, list[list[int]], Options], list[dict]]] = {
     "sample": run_sample,
     "beam": run_beam,
+    "speculative": speculative_lib.run_speculative,
 }
 
 
@@ -180,6 +182,8 @@ def validate(method: str, opts: Options, texts: list[str]) -> None:
   if method == "beam" and not 1 <= opts.num_return <= opts.beam_width:
     raise ValueError(f"--num_return={opts.num_return} must be in [1, --beam_width="
                      f"{opts.beam_width}]")
+  if method == "speculative":
+    speculative_lib.validate(opts.extra)
 
 
 def generate_text(run: Run, texts: list[str], method: str, opts: Options) -> list[dict]:

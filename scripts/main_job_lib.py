@@ -1,4 +1,4 @@
-"""The main job: train -> prune -> quantize -> evaluate -> decode, one report."""
+"""The main job: train -> prune -> quantize -> evaluate -> decode -> speculate, one report."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import decoding
 import model
 import quant
 import sparsity
-from scripts import checkpoint_lib, eval_lib, train_lib
+from decoding import speculative
+from scripts import checkpoint_lib, data_lib, eval_lib, train_lib
 
 
 def _eval(cfg, params, config) -> dict:
@@ -63,6 +64,65 @@ def _sample(cfg, params, config) -> dict:
           "cost": out.cost.to_dict()}
 
 
+def _speculative(cfg, params, config, workdir: str) -> dict:
+  """Trains the draft (resumable, `workdir/draft`), then greedy vs speculative decoding.
+
+  Prompts are held-out test-split snippets, decoded one at a time (batch 1, the
+  latency setting speculative decoding is for); each method is compiled first, and
+  the best of 3 timings is kept. Greedy speculative output must equal greedy.
+  """
+  sp = config.speculative
+  dcfg_train = copy.deepcopy(config.train)
+  with dcfg_train.unlocked():
+    for k, v in sp.draft_model.items():
+      dcfg_train.model[k] = v
+    dcfg_train.train.steps = sp.draft_steps
+    dcfg_train.train.eval_every = 0
+    dcfg_train.ckpt.every = sp.draft_steps
+  draft = train_lib.train_and_evaluate(dcfg_train, os.path.join(workdir, "draft"))
+  d = config.decode
+  stream = data_lib.load_split(config.train.data, "test")
+  length = len(model.ByteTokenizer().encode(d.prompt, add_bos=True))
+  starts = np.linspace(0, len(stream) - length - 1, sp.num_prompts).astype(int)
+  prompts = [stream.tokens[i: i + length].astype(int).tolist() for i in starts]
+
+  def greedy(p):
+    return decoding.generate(params, [p], _step_fn(cfg), max_new_tokens=d.max_new_tokens,
+                             cache=functools.partial(decoding.init_cache, cfg))
+
+  def spec(p):
+    return speculative.speculative_decode(
+        cfg, params, draft.model_cfg, draft.params, [p], max_new_tokens=d.max_new_tokens,
+        gamma=sp.gamma, schedule=sp.schedule)
+
+  times, outs = {}, {}
+  for name, fn in (("greedy", greedy), ("speculative", spec)):
+    fn(prompts[0])  # compile
+    best = []
+    for p in prompts:
+      runs = [fn(p) for _ in range(3)]
+      best.append(min(runs, key=lambda o: o.cost.wall_time_s))
+    times[name] = sum(o.cost.wall_time_s for o in best)
+    outs[name] = best
+  tokens = sum(int(o.lengths[0]) for o in outs["greedy"])
+  same = all(np.array_equal(np.asarray(g.tokens[0, : int(g.lengths[0])]),
+                            np.asarray(s.tokens[0, : int(s.lengths[0])]))
+             for g, s in zip(outs["greedy"], outs["speculative"], strict=True))
+  stats = [o.stats for o in outs["speculative"]]
+  tested = sum(st.tested for st in stats)
+  alpha = sum(st.accepted for st in stats) / max(tested, 1)
+  calls = sum(st.target_calls for st in stats)
+  mean_gamma = float(np.mean([st.mean_gamma for st in stats]))
+  return {"draft_params": draft.summary["params"], "draft_val_bpb": draft.summary["val_bpb"],
+          "gamma": sp.gamma, "schedule": sp.schedule, "prompts": len(prompts),
+          "tokens": tokens, "greedy_tokens_per_s": tokens / times["greedy"],
+          "speculative_tokens_per_s": tokens / times["speculative"],
+          "speedup": times["greedy"] / times["speculative"], "alpha": alpha,
+          "mean_gamma": mean_gamma, "tokens_per_target_call": tokens / max(calls, 1),
+          "expected_tokens_per_call": speculative.expected_tokens_per_call(alpha, mean_gamma),
+          "equals_greedy": bool(same)}
+
+
 def run(config, workdir: str) -> dict:
   """Runs every stage (training resumes from `workdir/float`); returns the report dict."""
   train_lib.validate_config(config.train, os.path.join(workdir, "float"))
@@ -71,12 +131,13 @@ def run(config, workdir: str) -> dict:
   t0 = time.perf_counter()
   rows, report = {}, {"workdir": os.path.abspath(workdir)}
 
-  print("== 1/5 train (float)", flush=True)
+  n_stages = 6 if config.speculative.draft_steps else 5
+  print(f"== 1/{n_stages} train (float)", flush=True)
   res = train_lib.train_and_evaluate(config.train, os.path.join(workdir, "float"))
   cfg, float_params = res.model_cfg, res.params
   report["train"] = res.summary
 
-  print(f"== 2/5 prune ({config.prune.recipe})", flush=True)
+  print(f"== 2/{n_stages} prune ({config.prune.recipe})", flush=True)
   pruned, masks, prune_report = sparsity.prune_with_masks(float_params, config.prune.recipe)
   pruned_dir = os.path.join(workdir, "pruned")
   variants = {"float": float_params, f"pruned {config.prune.recipe}": pruned}
@@ -94,23 +155,25 @@ def run(config, workdir: str) -> dict:
     pruned = ft_res.params
     variants[f"pruned {config.prune.recipe} + {ft.train.steps}-step masked fine-tune"] = pruned
   else:
-    checkpoint_lib.save_params(pruned_dir, pruned, cfg, meta={"recipe": config.prune.recipe})
+    checkpoint_lib.save_params(pruned_dir, pruned, cfg, meta={"recipe": config.prune.recipe},
+                               replace=True)
   report["prune"] = {"recipe": config.prune.recipe, "sparsity": sparsity.mask_sparsity(masks),
                      "report": prune_report["totals"]}
   with open(os.path.join(pruned_dir, "prune_report.json"), "w") as f:
     json.dump(prune_report, f, indent=2)
 
-  print(f"== 3/5 quantize ({config.quant.recipe})", flush=True)
+  print(f"== 3/{n_stages} quantize ({config.quant.recipe})", flush=True)
   quant_dir = os.path.join(workdir, "quantized")
   qparams, q_report = quant.quantize(float_params, config.quant.recipe)
   qpruned, _ = quant.quantize(pruned, config.quant.recipe)
   variants[config.quant.recipe] = qparams
   variants[f"pruned + {config.quant.recipe}"] = qpruned
-  checkpoint_lib.save_params(quant_dir, qparams, cfg, meta={"recipe": config.quant.recipe})
+  checkpoint_lib.save_params(quant_dir, qparams, cfg, meta={"recipe": config.quant.recipe},
+                             replace=True)
   with open(os.path.join(quant_dir, "quant_report.json"), "w") as f:
     json.dump(q_report, f, indent=2)
 
-  print(f"== 4/5 evaluate ({config.eval.split} split) and greedy-decode each variant",
+  print(f"== 4/{n_stages} evaluate ({config.eval.split} split) and greedy-decode each variant",
         flush=True)
   for name, params in variants.items():
     ev = _eval(cfg, params, config)
@@ -121,8 +184,12 @@ def run(config, workdir: str) -> dict:
                   "continuation": dec["text"]}
   report["variants"] = rows
 
-  print("== 5/5 sample", flush=True)
+  print(f"== 5/{n_stages} sample", flush=True)
   report["sample"] = _sample(cfg, float_params, config)
+  if config.speculative.draft_steps:
+    print(f"== 6/6 speculative decoding (draft: {config.speculative.draft_steps} steps)",
+          flush=True)
+    report["speculative"] = _speculative(cfg, float_params, config, workdir)
   report["unigram_entropy_bits"] = res.summary["unigram_entropy_bits"]
   report["wall_time_s"] = time.perf_counter() - t0
   with open(os.path.join(workdir, "report.json"), "w") as f:
@@ -135,8 +202,9 @@ def format_report(report: dict, config) -> str:
   tr = report["train"]
   lines = [
       "",
-      f"model: {tr['params']:,} params, {tr['step']} steps, "
-      f"{(tr['tokens_per_s'] or 0) / 1e3:.1f}k train tokens/s",
+      f"model: {tr['params']:,} params, {tr['step']} steps, " + (
+          f"{tr['tokens_per_s'] / 1e3:.1f}k train tokens/s" if tr["tokens_per_s"]
+          else "resumed with no steps left to run"),
       f"unigram byte entropy of the corpus: {report['unigram_entropy_bits']:.3f} bits; "
       f"float validation bits/byte: {tr['val_bpb']:.3f}",
       "",
@@ -153,12 +221,25 @@ def format_report(report: dict, config) -> str:
       "",
       f"sampling (T={config.decode.temperature}, top_p={config.decode.top_p}, "
       f"{config.decode.num_samples} rows): {s['tokens_per_s']:.0f} tok/s",
+  ]
+  if "speculative" in report:
+    sp = report["speculative"]
+    lines += [
+        f"speculative decoding (float target, {sp['draft_params']:,}-param draft at "
+        f"{sp['draft_val_bpb']:.3f} val bits/byte, gamma {sp['gamma']} {sp['schedule']}, "
+        f"batch 1, {sp['prompts']} test prompts): {sp['speculative_tokens_per_s']:.0f} tok/s "
+        f"vs greedy {sp['greedy_tokens_per_s']:.0f} tok/s = {sp['speedup']:.2f}x; "
+        f"alpha {sp['alpha']:.2f}, {sp['tokens_per_target_call']:.2f} tokens per target call "
+        f"(closed form {sp['expected_tokens_per_call']:.2f}); output == greedy: "
+        f"{sp['equals_greedy']}",
+    ]
+  lines += [
       "",
       "greedy continuation (float):",
       config.decode.prompt + first["continuation"],
       "",
       f"report:      {os.path.join(report['workdir'], 'report.json')}",
-      f"checkpoints: {report['workdir']}/{{float,pruned,quantized}}/checkpoints",
+      f"checkpoints: {report['workdir']}/{{float,pruned,quantized,draft}}/checkpoints",
       f"metrics:     {report['workdir']}/float/metrics.jsonl (TensorBoard: .../float/tb)",
       f"total wall time: {report['wall_time_s'] / 60:.1f} min",
   ]

@@ -10,23 +10,47 @@ Settings come in `Options.extra`:
 
 from __future__ import annotations
 
+import os
+
 import jax
 
-from decoding import Sampler, early_exit, speculative
+from decoding import Finish, Sampler, early_exit, speculative
+
+SETTINGS = ("draft", "gamma", "gamma_max", "schedule")
+
+
+def validate(extra: dict) -> None:
+  """Checks the speculative settings before any model is loaded."""
+  unknown = sorted(set(extra) - set(SETTINGS))
+  if unknown:
+    raise ValueError(f"unknown speculative settings {unknown}; valid: {list(SETTINGS)}")
+  draft = extra.get("draft")
+  if not draft:
+    raise ValueError("--method=speculative needs --draft: a checkpoint / HF dir, or exit:K")
+  if draft.startswith("exit:"):
+    k = draft.split(":", 1)[1]
+    if not k.isdigit() or int(k) < 1:
+      raise ValueError(f"--draft={draft!r}: expected exit:K with an integer K >= 1")
+  elif not os.path.isdir(draft):
+    raise ValueError(f"--draft={draft!r} is not a directory (a checkpoint or HF dir, or exit:K)")
+  gamma = extra.get("gamma", 4)
+  if not isinstance(gamma, int) or gamma < 1:
+    raise ValueError(f"--gamma={gamma!r} must be an integer >= 1")
+  gamma_max = extra.get("gamma_max")
+  if gamma_max is not None and (not isinstance(gamma_max, int) or gamma_max < gamma):
+    raise ValueError(f"--gamma_max={gamma_max!r} must be an integer >= --gamma={gamma}")
+  schedule = extra.get("schedule", "fixed")
+  if schedule not in speculative.SCHEDULES:
+    raise ValueError(f"--schedule={schedule!r}; valid: {list(speculative.SCHEDULES)}")
 
 
 def run_speculative(run, prompts: list[list[int]], opts) -> list[dict]:
   """Speculative decoding of `prompts` with the target `run` and the draft in opts.extra."""
   from scripts import generate_lib  # generate_lib imports this module to register it
 
-  extra = dict(opts.extra)
-  draft = extra.pop("draft", None)
-  if not draft:
-    raise ValueError("--method=speculative needs a draft: a checkpoint / HF dir, or exit:K")
-  kw = {k: extra.pop(k) for k in ("gamma", "gamma_max", "schedule") if k in extra}
-  if extra:
-    raise ValueError(f"unknown speculative settings {sorted(extra)}; valid: draft, gamma, "
-                     "gamma_max, schedule")
+  validate(opts.extra)
+  draft = opts.extra["draft"]
+  kw = {k: opts.extra[k] for k in ("gamma", "gamma_max", "schedule") if k in opts.extra}
   b = len(prompts)
   sampler = Sampler.create(b, temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p,
                            min_p=opts.min_p, repetition_penalty=opts.repetition_penalty)
@@ -37,10 +61,8 @@ def run_speculative(run, prompts: list[list[int]], opts) -> list[dict]:
                 stop_sequences=generate_lib._stop_sequences(run.tokenizer, opts.stop),
                 pad_id=run.tokenizer.pad_id, **kw)
   if draft.startswith("exit:"):
-    k = draft.split(":", 1)[1]
-    if not k.isdigit():
-      raise ValueError(f"draft={draft!r}: expected exit:K with an integer K")
-    out = early_exit.self_speculative_decode(run.cfg, run.params, int(k), prompts, **common)
+    out = early_exit.self_speculative_decode(run.cfg, run.params, int(draft[5:]), prompts,
+                                             **common)
   else:
     d = generate_lib.load(draft)
     out = speculative.speculative_decode(run.cfg, run.params, d.cfg, d.params, prompts,
@@ -51,6 +73,7 @@ def run_speculative(run, prompts: list[list[int]], opts) -> list[dict]:
     n = int(out.lengths[i])
     ids = [int(t) for t in out.tokens[i, :n]]
     results.append(dict(text=run.tokenizer.decode(ids), tokens=ids,
+                        finish_reason=Finish(int(out.finish_reason[i])).name.lower(),
                         logprob=float(out.logprobs[i, :n].sum()), stats=out.stats.to_dict()))
   for r in results:
     r["cost"] = out.cost.to_dict()

@@ -9,6 +9,7 @@ weights are refused, never unpickled.
   model.convert.export_hf(cfg, params, "out_dir", dtype="bfloat16")
 """
 
+import json
 import os
 
 from model.convert.hf_config import (
@@ -30,8 +31,20 @@ from model.convert.hf_params import (
 
 
 def is_hf_dir(path: str) -> bool:
-  """True when `path` looks like a Hugging Face model dir (has a config.json)."""
-  return os.path.isfile(os.path.join(path, "config.json"))
+  """True when `path` is a Hugging Face model dir: its config.json names a model type.
+
+  sparq training workdirs also hold a config.json (the run's ml_collections config),
+  which has neither "model_type" nor "architectures".
+  """
+  file = os.path.join(path, "config.json")
+  if not os.path.isfile(file):
+    return False
+  try:
+    with open(file) as f:
+      cfg = json.load(f)
+  except (OSError, ValueError):
+    return False
+  return isinstance(cfg, dict) and ("model_type" in cfg or "architectures" in cfg)
 
 
 __all__ = [

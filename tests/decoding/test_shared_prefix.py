@@ -61,12 +61,17 @@ def _naive_step_fn(plen):
   def step(params_and_prefix, tokens_BT, cache):
     params, prefix = params_and_prefix
     b = tokens_BT.shape[0]
-    cat = lambda p, s: jnp.concatenate([jnp.repeat(p[:, :plen], b, axis=0), s], axis=1)
-    full = KVCache(k=tuple(map(cat, prefix.k, cache.k)), v=tuple(map(cat, prefix.v, cache.v)),
+    # Slots are axis 3 of k [B, K, Dh, S] and axis 2 of v [B, K, S, Dh].
+    def cat(p, s, axis):
+      head = jnp.repeat(jax.lax.slice_in_dim(p, 0, plen, axis=axis), b, axis=0)
+      return jnp.concatenate([head, s], axis=axis)
+
+    full = KVCache(k=tuple(cat(p, s, 3) for p, s in zip(prefix.k, cache.k, strict=True)),
+                   v=tuple(cat(p, s, 2) for p, s in zip(prefix.v, cache.v, strict=True)),
                    lengths=cache.lengths + plen)
     logits, full = model.apply(CFG, params, tokens_BT, cache=full)
-    cut = lambda x: x[:, plen:]
-    return logits, KVCache(k=tuple(map(cut, full.k)), v=tuple(map(cut, full.v)),
+    cut = lambda x, axis: jax.lax.slice_in_dim(x, plen, x.shape[axis], axis=axis)
+    return logits, KVCache(k=tuple(cut(x, 3) for x in full.k), v=tuple(cut(x, 2) for x in full.v),
                            lengths=full.lengths - plen)
 
   return step

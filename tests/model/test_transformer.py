@@ -140,6 +140,25 @@ def test_lse_merge_is_exact():
   np.testing.assert_allclose(lse, want_lse, atol=1e-5)
 
 
+@pytest.mark.parametrize("b, t, impl", [(1, 1, "xla"), (3, 4, "xla"), (2, 3, "reference")])
+def test_cache_layout_attention_equals_reference(b, t, impl):
+  """k [B, K, Dh, S], v [B, K, S, Dh] (the KV cache's layouts) == the [B, S, K, Dh] reference."""
+  rng = np.random.RandomState(b * 10 + t)
+  q = jnp.asarray(rng.randn(b, t, 4, 8), jnp.float32)
+  k, v = (jnp.asarray(rng.randn(b, 12, 2, 8), jnp.float32) for _ in range(2))
+  mask = model.AttentionMask(q_positions=jnp.asarray(rng.randint(3, 12, (b, t))),
+                             kv_positions=jnp.broadcast_to(jnp.arange(12), (b, 12)),
+                             kv_valid=jnp.asarray(rng.rand(b, 12) > 0.2).at[:, 0].set(True))
+  want, want_lse = model.attention(q, k, v, mask=mask, impl="reference", return_lse=True)
+  k_cache, v_cache = jnp.transpose(k, (0, 2, 3, 1)), jnp.swapaxes(v, 1, 2)
+  got, lse = model.attention(q, k_cache, v_cache, mask=mask, impl=impl, return_lse=True,
+                             kv_heads_major=True)
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  np.testing.assert_allclose(lse, want_lse, atol=1e-5)
+  plain = model.attention(q, k_cache, v_cache, mask=mask, impl=impl, kv_heads_major=True)
+  np.testing.assert_allclose(plain, want, atol=1e-5)
+
+
 def test_llama_3_2_1b_param_count():
   shapes = model.param_shapes(model.get_preset("llama-3.2-1b"))
   assert model.count_params(shapes) == 1_235_814_400

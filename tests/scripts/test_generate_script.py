@@ -1,5 +1,8 @@
 """scripts/generate.py's library: flag validation, streaming, beam output."""
 
+import json
+import os
+
 import pytest
 
 from scripts import generate_lib
@@ -10,8 +13,22 @@ def run():
   return generate_lib.load(None, preset="test")
 
 
+@pytest.mark.parametrize("extra, match", [
+    ({}, "needs --draft"),
+    (dict(draft="exit:x"), "expected exit:K with an integer K >= 1"),
+    (dict(draft="/no/such/dir"), "--draft='/no/such/dir' is not a directory"),
+    (dict(draft="exit:1", gamma=0), "--gamma=0 must be an integer >= 1"),
+    (dict(draft="exit:1", gamma=4, gamma_max=2), "--gamma_max=2 must be an integer >= --gamma=4"),
+    (dict(draft="exit:1", schedule="fast"), r"--schedule='fast'; valid: \['fixed', 'heuristic'\]"),
+    (dict(draft="exit:1", beta=1), r"unknown speculative settings \['beta'\]"),
+])
+def test_bad_speculative_flags_fail_before_loading(extra, match):
+  with pytest.raises(ValueError, match=match):
+    generate_lib.validate("speculative", generate_lib.Options(extra=extra), ["hi"])
+
+
 @pytest.mark.parametrize("method, kw, match", [
-    ("nope", {}, r"--method='nope'; valid: \['beam', 'sample'"),
+    ("nope", {}, r"--method='nope'; valid: \['beam', 'sample', 'speculative'\]"),
     ("sample", dict(max_new_tokens=0), "--max_new_tokens=0 must be >= 1"),
     ("sample", dict(temperature=-1.0), r"temperature=-1.0 is outside the valid range"),
     ("sample", dict(top_p=2.0), r"top_p=2.0 is outside the valid range \(0, 1\]"),
@@ -41,3 +58,33 @@ def test_beam_returns_ranked_hypotheses(run):
   (res,) = generate_lib.generate_text(run, ["ab"], "beam", opts)
   scores = [h["score"] for h in res["hypotheses"]]
   assert scores == sorted(scores, reverse=True) and res["text"] == res["hypotheses"][0]["text"]
+
+
+@pytest.mark.parametrize("schedule", ["fixed", "heuristic"])
+def test_speculative_greedy_equals_sample_greedy(run, schedule):
+  """--method=speculative (early-exit draft, no trained head) reproduces greedy sampling."""
+  texts = ["def f(", "import o"]
+  greedy = generate_lib.generate_text(run, texts, "sample",
+                                      generate_lib.Options(max_new_tokens=10))
+  opts = generate_lib.Options(max_new_tokens=10,
+                              extra=dict(draft="exit:1", gamma=2, schedule=schedule))
+  spec = generate_lib.generate_text(run, texts, "speculative", opts)
+  for g, s in zip(greedy, spec, strict=True):
+    assert s["tokens"] == g["tokens"] and s["finish_reason"] == g["finish_reason"]
+    assert 0.0 <= s["stats"]["alpha"] <= 1.0 and s["stats"]["target_calls"] >= 1
+
+
+def test_only_hugging_face_configs_make_a_hf_dir(tmp_path):
+  """A sparq training workdir also has a config.json; it must load as a checkpoint."""
+  from model import convert
+
+  cases = {"hf": {"model_type": "llama", "architectures": ["LlamaForCausalLM"]},
+           "workdir": {"model": {"preset": "tiny"}, "steps": 10}, "broken": "{not json"}
+  for name, content in cases.items():
+    os.makedirs(tmp_path / name)
+    with open(tmp_path / name / "config.json", "w") as f:
+      f.write(content if isinstance(content, str) else json.dumps(content))
+  assert convert.is_hf_dir(str(tmp_path / "hf"))
+  assert not convert.is_hf_dir(str(tmp_path / "workdir"))
+  assert not convert.is_hf_dir(str(tmp_path / "broken"))
+  assert not convert.is_hf_dir(str(tmp_path / "missing"))

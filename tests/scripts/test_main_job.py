@@ -1,0 +1,42 @@
+"""The main job on a few steps: every stage reports, speculative == greedy, a rerun resumes."""
+
+import json
+import os
+
+from scripts import main_job_lib
+from scripts.configs import main_job
+
+
+def _config():
+  c = main_job.get_config("0.005")  # a few steps per stage
+  c.unlock()
+  c.train.model.preset = "test"
+  c.train.model.n_layers = 2
+  c.train.data.seq_len, c.train.data.batch_size = 32, 4
+  c.train.train.update(eval_every=0, eval_batches=1, log_every=1)
+  c.eval.max_batches = 1
+  c.decode.update(max_new_tokens=6, num_samples=2)
+  c.speculative.update(draft_steps=2, num_prompts=1, gamma=2)
+  c.speculative.draft_model.update(d_model=32, n_heads=2, n_kv_heads=1, ffn_dim=64)
+  c.lock()
+  return c
+
+
+def test_main_job_reports_every_stage(tmp_path):
+  config = _config()
+  report = main_job_lib.run(config, str(tmp_path))
+  assert len(report["variants"]) == 5
+  for row in report["variants"].values():
+    assert row["bpb"] > 0 and row["decode_tokens_per_s"] > 0
+  sp = report["speculative"]
+  assert sp["equals_greedy"] and 0.0 <= sp["alpha"] <= 1.0 and sp["tokens"] > 0
+  assert sp["tokens_per_target_call"] >= 1.0 and sp["speedup"] > 0
+  with open(tmp_path / "report.json") as f:
+    assert json.load(f)["speculative"]["gamma"] == 2
+  assert os.path.isdir(tmp_path / "draft" / "checkpoints")
+  text = main_job_lib.format_report(report, config)
+  assert "speculative decoding" in text and "output == greedy: True" in text
+  # A second run on the same workdir resumes: no training left, derived checkpoints replaced.
+  again = main_job_lib.run(config, str(tmp_path))
+  assert again["train"]["step"] == report["train"]["step"]
+  assert again["variants"]["float"]["bpb"] == report["variants"]["float"]["bpb"]
