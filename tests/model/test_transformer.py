@@ -57,20 +57,24 @@ def test_packed_segments_do_not_attend_across(params):
   np.testing.assert_allclose(got[:, 5:], want_b, atol=1e-5)
 
 
-@pytest.mark.parametrize("impl", ["xla", "reference"])
-def test_cached_equals_uncached(params, impl):
+@pytest.mark.parametrize("impl, b", [("xla", 2), ("reference", 2), ("xla", 1)])
+def test_cached_equals_uncached(params, impl, b):
+  """Prefill 7, then chunks of 1, 3 and 1 tokens (b=1: the read-before-write path)."""
   cfg = CFG.replace(attn_impl=impl)
-  tokens = _tokens(2, 12)
+  tokens = _tokens(b, 12)
   full = model.apply(cfg, params, tokens)[0]
-  cache = init_cache(cfg, 2, 32)
+  cache = init_cache(cfg, b, 32)
   step = jax.jit(lambda p, t, c: model.apply(cfg, p, t, cache=c))
-  logits, cache = step(params, tokens[:, :7], cache)
-  outs = [logits]
-  for i in range(7, 12):
-    logits, cache = step(params, tokens[:, i : i + 1], cache)
+  outs = []
+  for lo, hi in ((0, 7), (7, 8), (8, 11), (11, 12)):
+    logits, cache = step(params, tokens[:, lo:hi], cache)
     outs.append(logits)
   np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=1e-5)
-  assert cache.lengths.tolist() == [12, 12]
+  assert cache.lengths.tolist() == [12] * b
+  # The cache holds what a one-shot prefill writes (slots < 12).
+  ref = model.apply(cfg, params, tokens, cache=init_cache(cfg, b, 32))[1]
+  for got, want in zip(cache.k + cache.v, ref.k + ref.v, strict=True):
+    np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 def test_ragged_cache_rows(params):
