@@ -127,8 +127,9 @@ def main(argv):
   rows = []
   for name in _MODELS.value:
     rows += bench_model(name, MODELS[name], lengths, _N.value, _NEW.value, _REPEATS.value)
-  command = ("python -m scripts.bench_shared_prefix " f"--lengths={','.join(_LENGTHS.value)} "
-             f"--n={_N.value} --max_new_tokens={_NEW.value}")
+  command = (f"python -m scripts.bench_shared_prefix --models={','.join(_MODELS.value)} "
+             f"--lengths={','.join(_LENGTHS.value)} --n={_N.value} "
+             f"--max_new_tokens={_NEW.value} --repeats={_REPEATS.value} --out={_OUT.value}")
   os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
   with open(_OUT.value + ".json", "w") as f:
     json.dump({"machine": MACHINE, "jax": jax.__version__, "rows": rows}, f, indent=2)
