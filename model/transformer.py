@@ -42,7 +42,7 @@ class Attention(nn.Module):
     q_BTHD = apply_rope(q_BTHD, positions_BT, **rope)
     k_BTKD = apply_rope(k_BTKD, positions_BT, **rope)
     if kv is not None and prefix_kv is None and b == 1 and t <= SPLIT_MAX_TOKENS:
-      # One row, few tokens (decode / verify): attend before writing (see _cached_attention).
+      # One row, one token (decode): attend before writing (see _cached_attention).
       k_cache, v_cache, start_B = kv
       out_BTHD = _cached_attention(cfg, q_BTHD, k_BTKD, v_BTKD, k_cache, v_cache, start_B, mask)
       # The writes must come after the reads for XLA to update the cache in place: a data
@@ -70,8 +70,11 @@ class Attention(nn.Module):
     return _dense(cfg, cfg.d_model, "o")(out_BTHD.reshape(b, t, h * dh)), new_kv
 
 
-# Up to this many new tokens, a one-row cached forward attends before it writes.
-SPLIT_MAX_TOKENS = 16
+# Up to this many new tokens, a one-row cached forward attends before it writes. Measured
+# (same process, batch 1): a win for 1-token decode steps (bench-25m 7.4 -> 6.6 ms at 256
+# slots); a loss for 5-9-token speculative verifies of the 0.82M main-job model, where
+# the extra attention and merge ops outweigh the copies they save.
+SPLIT_MAX_TOKENS = 1
 
 
 def _cached_attention(cfg, q_BTHD, k_BTKD, v_BTKD, k_cache, v_cache, start_B, mask):

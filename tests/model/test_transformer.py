@@ -59,7 +59,7 @@ def test_packed_segments_do_not_attend_across(params):
 
 @pytest.mark.parametrize("impl, b", [("xla", 2), ("reference", 2), ("xla", 1)])
 def test_cached_equals_uncached(params, impl, b):
-  """Prefill 7, then chunks of 1, 3 and 1 tokens (b=1: the read-before-write path)."""
+  """Prefill 7, then chunks of 1, 3 and 1 tokens (b=1, 1 token: the read-before-write path)."""
   cfg = CFG.replace(attn_impl=impl)
   tokens = _tokens(b, 12)
   full = model.apply(cfg, params, tokens)[0]
