@@ -109,13 +109,19 @@ class _Streamer:
       self.printed = text
 
 
-def run_sample(run: Run, prompts: list[list[int]], opts: Options) -> list[dict]:
-  """Sampling (temperature 0 = greedy) with the per-row sampler settings of `opts`."""
-  b = len(prompts)
+def sampler_and_keys(opts: Options, b: int) -> tuple[decoding.Sampler, jax.Array]:
+  """The `b`-row sampler of `opts` and row keys fold_in(seed, row)."""
   sampler = decoding.Sampler.create(b, temperature=opts.temperature, top_k=opts.top_k,
                                     top_p=opts.top_p, min_p=opts.min_p,
                                     repetition_penalty=opts.repetition_penalty)
   keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(opts.seed), i))(np.arange(b))
+  return sampler, keys
+
+
+def run_sample(run: Run, prompts: list[list[int]], opts: Options) -> list[dict]:
+  """Sampling (temperature 0 = greedy) with the per-row sampler settings of `opts`."""
+  b = len(prompts)
+  sampler, keys = sampler_and_keys(opts, b)
   streamer = _Streamer(run.tokenizer) if opts.stream else None
   out = decoding.generate(run.params, prompts, run.step_fn, sampler=sampler,
                           max_new_tokens=opts.max_new_tokens,

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import os
 
-import jax
-
-from decoding import Finish, Sampler, early_exit, speculative
+from decoding import Finish, early_exit, speculative
 
 SETTINGS = ("draft", "gamma", "gamma_max", "schedule")
 
@@ -52,10 +50,7 @@ def run_speculative(run, prompts: list[list[int]], opts) -> list[dict]:
   draft = opts.extra["draft"]
   kw = {k: opts.extra[k] for k in ("gamma", "gamma_max", "schedule") if k in opts.extra}
   b = len(prompts)
-  sampler = Sampler.create(b, temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p,
-                           min_p=opts.min_p, repetition_penalty=opts.repetition_penalty)
-  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(opts.seed), i))(
-      jax.numpy.arange(b))
+  sampler, keys = generate_lib.sampler_and_keys(opts, b)
   common = dict(max_new_tokens=opts.max_new_tokens, sampler=sampler, key=keys,
                 eos_id=generate_lib._eos_ids(run.tokenizer),
                 stop_sequences=generate_lib._stop_sequences(run.tokenizer, opts.stop),
