@@ -1,10 +1,10 @@
-"""Decoding: KV cache, samplers, jitted generation, search."""
+"""Decoding: one request path, samplers, jitted generation, beam, speculative, shared prefix."""
 
 from decoding.beam import BeamOutput, beam_search
-from decoding.cost import Cost
-from decoding.early_exit import init_exit_head, self_speculative_decode, with_exit_head
+from decoding.cost import Cost, forward_cost
+from decoding.early_exit import ExitDecoder, init_exit_head, self_speculative_decode, with_exit_head
 from decoding.generate import Finish, GenerateOutput, generate, prefill
-from decoding.kv_cache import KVCache, gather_rows, init_cache
+from decoding.request import Request, prepare
 from decoding.sampling import Sampler, process_logits, sample
 from decoding.shared_prefix import prefill_prefix, sample_shared_prefix
 from decoding.speculative import (
@@ -14,9 +14,8 @@ from decoding.speculative import (
     speculative_generate,
 )
 
-__all__ = ["KVCache", "gather_rows", "init_cache"]
-__all__ += ["BeamOutput", "Cost", "Finish", "GenerateOutput", "Sampler", "beam_search",
-            "generate", "prefill", "process_logits", "sample"]
-__all__ += ["SpeculativeOutput", "SpeculativeStats", "init_exit_head", "prefill_prefix",
-            "sample_shared_prefix", "self_speculative_decode", "speculative_decode",
-            "speculative_generate", "with_exit_head"]
+__all__ = ["BeamOutput", "Cost", "ExitDecoder", "Finish", "GenerateOutput", "Request",
+           "Sampler", "SpeculativeOutput", "SpeculativeStats", "beam_search", "forward_cost",
+           "generate", "init_exit_head", "prefill", "prefill_prefix", "prepare",
+           "process_logits", "sample", "sample_shared_prefix", "self_speculative_decode",
+           "speculative_decode", "speculative_generate", "with_exit_head"]

@@ -5,15 +5,14 @@ A hypothesis y of n generated tokens scores  sum_t log p(y_t | ...) / n ** lengt
 moves to a pool of W finished hypotheses (the EOS token counts in n); W live
 beams continue. At `max_new_tokens` the live beams join the pool. The loop also
 stops early, exactly, once no live beam can still beat the worst finished one.
-Beams share each prompt's prefill: the cache is fanned out with `gather_rows`.
+Beams share each prompt's prefill: the cache is fanned out with `KVCache.take`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -21,9 +20,9 @@ import numpy as np
 from jaxtyping import Array
 
 from decoding import cost as cost_lib
-from decoding import prompts as prompts_lib
+from decoding import request
 from decoding.generate import prefill
-from decoding.kv_cache import KVCache, gather_rows
+from model.kv_cache import KVCache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +36,11 @@ class BeamOutput:
   cost: cost_lib.Cost
 
 
-class _State(NamedTuple):
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class BeamState:
+  """The while_loop state of `beam_search` (W live beams and W finished ones per prompt)."""
+
   step: Array
   next_BW: Array
   alive_BWL: Array
@@ -49,34 +52,29 @@ class _State(NamedTuple):
   cache: KVCache
 
 
-def beam_search(params, prompt_tokens, step_fn: Callable, *, beam_width: int,
-                max_new_tokens: int, cache: KVCache | Callable[[int, int], KVCache],
-                prompt_lengths=None, eos_id: int | Sequence[int] | None = None,
+def beam_search(params, prompt_tokens, step_fn, *, beam_width: int, max_new_tokens: int,
+                cache=None, prompt_lengths=None, eos_id: int | Sequence[int] | None = None,
                 length_penalty: float = 1.0, pad_id: int = 0) -> BeamOutput:
-  """Beam search from each prompt; `cache` is an empty KVCache for the B prompts (or a factory)."""
+  """Beam search from each prompt with `step_fn` (a model.Decoder).
+
+  `cache`: None (`step_fn.init_cache`), an empty KVCache for the B prompts, or a
+  factory `(batch, max_len) -> KVCache`; beams fan it out W times after the prefill.
+  """
   t0 = time.perf_counter()
-  prompt_BP, lens_B = prompts_lib.pad_prompts(prompt_tokens, prompt_lengths, pad_id)
-  b = prompt_BP.shape[0]
-  if not isinstance(beam_width, (int, np.integer)) or beam_width < 1:
-    raise ValueError(f"beam_width={beam_width!r} must be an integer >= 1")
-  if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
+  w = request.check_count("beam_width", beam_width)
   if not np.isfinite(length_penalty):
     raise ValueError(f"length_penalty={length_penalty!r} must be finite")
-  max_prompt = int(lens_B.max())
-  need = max_prompt + max_new_tokens - 1
-  cache = prompts_lib.make_cache(cache, b, max_prompt, need)
-  prompts_lib.check_cache(cache, b, max_prompt, need, stop_on_full_cache=False)
-  eos_E = jnp.asarray(np.atleast_1d(np.asarray(-1 if eos_id is None else eos_id, np.int32)))
-  t = min(prompts_lib.bucket(max_prompt - 1), cache.max_len) if max_prompt > 1 else 0
-  out = _beam_jit(params, jnp.asarray(prompt_BP), jnp.asarray(lens_B), cache, eos_E,
-                  jnp.float32(length_penalty), jnp.int32(pad_id), step_fn=step_fn,
-                  prefill_len=t, width=int(beam_width), max_new=int(max_new_tokens))
+  req = request.prepare(step_fn, prompt_tokens, max_new_tokens=max_new_tokens, cache=cache,
+                        prompt_lengths=prompt_lengths, eos_id=eos_id, pad_id=pad_id)
+  out = _beam_jit(params, jnp.asarray(req.prompt_BP), jnp.asarray(req.lengths_B), req.cache,
+                  req.eos_E, jnp.float32(length_penalty), jnp.int32(pad_id), step_fn=step_fn,
+                  prefill_len=req.prefill_len, width=w, max_new=req.max_new_tokens)
   tokens, lengths, scores, lps, steps = jax.block_until_ready(out)
-  steps, w = int(steps), int(beam_width)
-  wall = time.perf_counter() - t0
-  total = cost_lib.generation_cost(params, cache, prefill_rows=b, prefill_len=t, steps=steps,
-                                   step_rows=b * w, tokens=int(lengths.sum()), wall_time_s=wall)
+  b = req.batch
+  total = cost_lib.generation_cost(step_fn, params, req.cache, prefill_rows=b,
+                                   prefill_len=req.prefill_len, steps=int(steps),
+                                   step_rows=b * w, tokens=int(lengths.sum()),
+                                   wall_time_s=time.perf_counter() - t0)
   return BeamOutput(tokens=tokens, lengths=lengths, scores=scores, logprobs=lps, cost=total)
 
 
@@ -91,13 +89,13 @@ def _run(params, prompt_BP, lens_B, cache, eos_E, alpha, pad_id, *, step_fn, pre
          width, max_new):
   b, w = prompt_BP.shape[0], width
   cache, last_B = prefill(params, step_fn, prompt_BP, lens_B, cache, prefill_len)
-  cache = gather_rows(cache, jnp.repeat(jnp.arange(b), w))
+  cache = cache.take(jnp.repeat(jnp.arange(b), w))
   neg = jnp.float32(-jnp.inf)
   # Only beam 0 starts alive, so the first step expands one copy of each prompt.
   alive_lp_BW = jnp.where(jnp.arange(w)[None] == 0, 0.0, neg) * jnp.ones((b, 1))
   lengths_f = lambda n: jnp.maximum(n, 1).astype(jnp.float32) ** alpha
 
-  def body(st: _State) -> _State:
+  def body(st: BeamState) -> BeamState:
     logits_NTV, cache = step_fn(params, st.next_BW.reshape(b * w, 1), st.cache)
     v = logits_NTV.shape[-1]
     logp_BWV = jax.nn.log_softmax(logits_NTV[:, -1].astype(jnp.float32)).reshape(b, w, v)
@@ -120,10 +118,11 @@ def _run(params, prompt_BP, lens_B, cache, eos_E, alpha, pad_id, *, step_fn, pre
     alive_lp, alive_seq, src, tok = _top(jnp.where(eos_BK, neg, lp_BK), w, seq_BKL, src_BK,
                                          tok_BK)
     rows_N = (jnp.arange(b)[:, None] * w + src).reshape(-1)
-    return _State(n, tok, alive_seq, alive_lp, fin_seq, fin_score, fin_lp, fin_len,
-                  gather_rows(cache, rows_N))
+    return BeamState(step=n, next_BW=tok, alive_BWL=alive_seq, alive_lp_BW=alive_lp,
+                     fin_BWL=fin_seq, fin_score_BW=fin_score, fin_lp_BW=fin_lp,
+                     fin_len_BW=fin_len, cache=cache.take(rows_N))
 
-  def cond(st: _State):
+  def cond(st: BeamState):
     n = st.step
     best_alive_B = jnp.max(st.alive_lp_BW, axis=1)
     # Highest score any live beam can still reach (log-probs only fall as it grows).
@@ -132,10 +131,11 @@ def _run(params, prompt_BP, lens_B, cache, eos_E, alpha, pad_id, *, step_fn, pre
     settled_B = jnp.min(st.fin_score_BW, axis=1) >= bound_B
     return (n < max_new) & ~jnp.all(settled_B | (best_alive_B == neg))
 
-  st = _State(jnp.int32(0), jnp.broadcast_to(last_B[:, None], (b, w)),
-              jnp.full((b, w, max_new), pad_id, jnp.int32), alive_lp_BW,
-              jnp.full((b, w, max_new), pad_id, jnp.int32), jnp.full((b, w), neg),
-              jnp.full((b, w), neg), jnp.zeros((b, w), jnp.int32), cache)
+  st = BeamState(step=jnp.int32(0), next_BW=jnp.broadcast_to(last_B[:, None], (b, w)),
+                 alive_BWL=jnp.full((b, w, max_new), pad_id, jnp.int32), alive_lp_BW=alive_lp_BW,
+                 fin_BWL=jnp.full((b, w, max_new), pad_id, jnp.int32),
+                 fin_score_BW=jnp.full((b, w), neg), fin_lp_BW=jnp.full((b, w), neg),
+                 fin_len_BW=jnp.zeros((b, w), jnp.int32), cache=cache)
   st = jax.lax.while_loop(cond, body, st)
   # Live beams count only if they reached max_new_tokens (an early stop proved them worse).
   at_max = st.step >= max_new
@@ -150,5 +150,5 @@ def _run(params, prompt_BP, lens_B, cache, eos_E, alpha, pad_id, *, step_fn, pre
   return seqs, lens, scores, lps, st.step
 
 
-# The cache is not donated: beams need a W-times larger one, built by gather_rows.
+# The cache is not donated: beams need a W-times larger one, built by KVCache.take.
 _beam_jit = jax.jit(_run, static_argnames=("step_fn", "prefill_len", "width", "max_new"))

@@ -1,18 +1,18 @@
 """Cost accounting shared by generation, beam search and test-time search methods.
 
 Every decoding or search method returns a `Cost` so methods can be compared at
-equal compute. FLOPs and bytes are estimates from a simple model: a forward
-pass over n tokens costs 2 * P * n matmul FLOPs (P = logical parameter count,
-dequantized size for QArray leaves) plus the attention score / value products,
-and moves the parameter bytes (as stored) plus the KV cache it reads once.
+equal compute. FLOPs and bytes are estimates from one formula per forward call
+(`forward_cost`): a forward over n tokens costs 2 * P * n matmul FLOPs (P = logical
+parameter count, a QArray counts its dequantized size) plus the attention score /
+value products, and moves the parameter bytes (as stored) plus the KV cache it
+reads once.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-import jax
-import numpy as np
+from model.tree import tree_nbytes, tree_size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,58 +42,32 @@ class Cost:
     return dataclasses.asdict(self)
 
 
-def param_count(params) -> int:
-  """Logical number of weights (a QArray counts its dequantized size)."""
-  return sum(int(np.prod(x.shape)) for x in _weight_leaves(params))
+def forward_cost(step_fn, params, cache, tokens: float, *, calls: int = 1,
+                 rows: int | None = None) -> Cost:
+  """`calls` forwards of `step_fn` (a model.Decoder), each over `tokens` positions (all rows
+  together) with every query attending over the cache's `read_len` slots (as computed).
+
+  Weights: the params the step reads (`step_fn.read_params`), 2 FLOPs per logical
+  weight per token and their stored bytes once per call. Cache: the layers the step
+  runs, read once per call for `rows` rows (default: the cache's batch).
+  """
+  read = step_fn.read_params(params)
+  rows = cache.batch if rows is None else rows
+  kv_bytes = cache.nbytes * (rows / cache.batch) * (step_fn.n_layers / cache.n_layers)
+  attn_flops = 4.0 * step_fn.n_layers * step_fn.n_heads * step_fn.head_dim * tokens * (
+      cache.read_len)
+  return Cost(forward_passes=calls, forward_tokens=round(calls * tokens),
+              flops=calls * (2.0 * tree_size(read) * tokens + attn_flops),
+              bytes_moved=calls * (float(tree_nbytes(read)) + kv_bytes))
 
 
-def param_bytes(params) -> int:
-  """Bytes the parameters occupy as stored (packed codes + scales for QArray leaves)."""
-  total = 0
-  for x in _weight_leaves(params):
-    total += x.nbytes if hasattr(x, "bits") else int(np.prod(x.shape)) * x.dtype.itemsize
-  return total
-
-
-def _weight_leaves(params):
-  from quant.qarray import QArray  # decoding does not otherwise depend on quant
-
-  return jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, QArray))
-
-
-def forward_cost(params, n_tokens: int, *, kv_read_bytes: float = 0.0,
-                 attn_flops: float = 0.0) -> Cost:
-  """Cost of one batched forward over `n_tokens` positions (all rows together)."""
-  return Cost(forward_passes=1, forward_tokens=n_tokens,
-              flops=2.0 * param_count(params) * n_tokens + attn_flops,
-              bytes_moved=float(param_bytes(params)) + kv_read_bytes)
-
-
-def query_heads(params, kv_heads: int, head_dim: int) -> int:
-  """Query heads per layer, read from `layers_0/attn/q/kernel` (DESIGN.md param layout)."""
-  q = params.get("layers_0", {}).get("attn", {}).get("q", {}).get("kernel") \
-      if isinstance(params, dict) else None
-  return int(q.shape[1]) // head_dim if q is not None else kv_heads
-
-
-def attention_flops(n_layers: int, n_heads: int, head_dim: int, n_queries: int,
-                    n_keys: int) -> float:
-  """q.k^T and p.v FLOPs for `n_queries` queries each over `n_keys` keys, all layers."""
-  return 4.0 * n_layers * n_heads * head_dim * n_queries * n_keys
-
-
-def generation_cost(params, cache, *, prefill_rows: int, prefill_len: int, steps: int,
+def generation_cost(step_fn, params, cache, *, prefill_rows: int, prefill_len: int, steps: int,
                     step_rows: int, tokens: int, wall_time_s: float) -> Cost:
-  """A prefill of `prefill_rows` x `prefill_len` tokens, then `steps` one-token passes over
-  `step_rows` rows, every query attending over the cache's `max_len` slots (as computed)."""
-  kh, dh = cache.v[0].shape[1], cache.v[0].shape[3]
-  n_layers, s, row_bytes = len(cache.k), cache.max_len, cache.nbytes / cache.batch
-  h = query_heads(params, kh, dh)
+  """A prefill of `prefill_rows` x `prefill_len` tokens, then `steps` one-token forwards over
+  `step_rows` rows (beams fan a cache of `prefill_rows` rows out to `step_rows`)."""
   total = Cost(tokens=tokens, wall_time_s=wall_time_s)
   if prefill_len:
-    n = prefill_rows * prefill_len
-    total += forward_cost(params, n, kv_read_bytes=prefill_rows * row_bytes,
-                          attn_flops=attention_flops(n_layers, h, dh, n, s))
-  step = forward_cost(params, step_rows, kv_read_bytes=step_rows * row_bytes,
-                      attn_flops=attention_flops(n_layers, h, dh, step_rows, s))
-  return total + step.times(steps)
+    total += forward_cost(step_fn, params, cache, prefill_rows * prefill_len, rows=prefill_rows)
+  if steps:
+    total += forward_cost(step_fn, params, cache, step_rows, calls=steps, rows=step_rows)
+  return total

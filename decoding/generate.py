@@ -1,7 +1,7 @@
 """Jitted generation: prefill, then one `lax.while_loop` of decode steps over fixed buffers.
 
-The model enters as `step_fn(params, tokens_BT, cache) -> (logits_BTV, cache)`
-(e.g. `model.logits_fn(cfg)`; reuse one step_fn object, it is a static jit key).
+The model enters as `step_fn(params, tokens_BT, cache) -> (logits_BTV, cache)`, a
+`model.Decoder(cfg)` (a static jit key; equal configs share one compilation).
 Prompts are right-padded to power-of-two buckets, so new prompt lengths rarely
 recompile; sampler settings, stop sequences, keys and `max_new_tokens` below the
 buffer size are traced values and never do.
@@ -13,17 +13,15 @@ import dataclasses
 import enum
 import time
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import Array
 
 from decoding import cost as cost_lib
-from decoding import prompts as prompts_lib
-from decoding.kv_cache import KVCache
+from decoding import request
 from decoding.sampling import Sampler, sample
+from model.kv_cache import KVCache, PrefixCache
 
 
 class Finish(enum.IntEnum):
@@ -48,7 +46,11 @@ class GenerateOutput:
   cache: KVCache  # the final cache (the donated input's buffers); lengths = tokens written
 
 
-class _State(NamedTuple):
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class GenState:
+  """The while_loop state of `generate`."""
+
   step: Array  # tokens generated so far by every still-active row
   next_B: Array  # the token each row feeds next
   tokens_BL: Array
@@ -57,12 +59,11 @@ class _State(NamedTuple):
   done_B: Array
   reason_B: Array
   seen_BV: Array  # tokens in prompt or output (repetition penalty)
-  cache: KVCache
+  cache: KVCache | PrefixCache
 
 
-def generate(params, prompt_tokens, step_fn: Callable, *, sampler: Sampler | None = None,
-             max_new_tokens: int, cache: KVCache | Callable[[int, int], KVCache],
-             prompt_lengths=None, key: Array | None = None,
+def generate(params, prompt_tokens, step_fn, *, sampler: Sampler | None = None,
+             max_new_tokens: int, cache=None, prompt_lengths=None, key: Array | None = None,
              eos_id: int | Sequence[int] | None = None,
              stop_sequences: Sequence[Sequence[int]] = (), pad_id: int = 0,
              stop_on_full_cache: bool = False, stream_fn: Callable | None = None,
@@ -75,12 +76,15 @@ def generate(params, prompt_tokens, step_fn: Callable, *, sampler: Sampler | Non
   `decoding.sampling`; log-probs are reported under the unprocessed model.
 
   Args:
+    step_fn: a `model.Decoder` (reuse equal ones: it is a static jit key).
     prompt_tokens: a list of token-id lists (ragged), or an int array [B, P]
       right-padded, with `prompt_lengths` [B].
     sampler: per-row settings (`Sampler.create`); None = greedy.
-    cache: an empty KVCache with batch B (donated: do not reuse it), or a factory
-      `(batch, max_len) -> KVCache` such as `functools.partial(init_cache, cfg)`,
-      called with the needed length rounded up to a multiple of 64.
+    cache: None (`step_fn.init_cache`), an empty cache with batch B (donated: do not
+      reuse it), a `model.PrefixCache` (rows continue after a shared prefix, which is
+      not donated and may be reused; its suffix is), or a factory
+      `(batch, max_len) -> cache`; factories are called with the needed length
+      rounded up to a multiple of 64.
     key: per-row keys [B] (a row's output then never depends on the batch), or
       one key, turned into row keys by `fold_in(key, row)`. Token t of a row
       uses `fold_in(row_key, position)`. Unused by greedy rows.
@@ -94,46 +98,39 @@ def generate(params, prompt_tokens, step_fn: Callable, *, sampler: Sampler | Non
       they already live on the mesh).
   """
   t0 = time.perf_counter()
-  prompt_BP, lens_B = prompts_lib.pad_prompts(prompt_tokens, prompt_lengths, pad_id)
-  b = prompt_BP.shape[0]
-  if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
   if stream_fn is not None and mesh is not None and mesh.size > 1:
     raise ValueError("stream_fn needs a single device (JAX orders host callbacks only there); "
                      "drop mesh or stream_fn")
-  sampler = Sampler.greedy(b) if sampler is None else sampler
-  if sampler.batch != b:
-    raise ValueError(f"sampler has {sampler.batch} rows, the prompt batch has {b}")
-  max_prompt = int(lens_B.max())
-  need = max_prompt + max_new_tokens - 1  # the last sampled token is never written
-  cache = prompts_lib.make_cache(cache, b, max_prompt, need)
-  prompts_lib.check_cache(cache, b, max_prompt, need, stop_on_full_cache)
-  eos_E = jnp.asarray(np.atleast_1d(np.asarray(-1 if eos_id is None else eos_id, np.int32)))
-  stop_NS = jnp.asarray(prompts_lib.stop_array(stop_sequences))
-  keys_B = prompts_lib.row_keys(key, b)
-  t = min(prompts_lib.bucket(max_prompt - 1), cache.max_len) if max_prompt > 1 else 0
-  buf = prompts_lib.bucket(max_new_tokens)
-  batch_args = (jnp.asarray(prompt_BP), jnp.asarray(lens_B), sampler, keys_B, cache)
-  other_args = (eos_E, stop_NS, jnp.int32(max_new_tokens), jnp.int32(pad_id))
+  req = request.prepare(step_fn, prompt_tokens, max_new_tokens=max_new_tokens, cache=cache,
+                        prompt_lengths=prompt_lengths, sampler=sampler, key=key, eos_id=eos_id,
+                        stop_sequences=stop_sequences, pad_id=pad_id,
+                        stop_on_full_cache=stop_on_full_cache)
+  # A shared prefix is read, never written: it is passed undonated, so it can be reused.
+  own, shared = (req.cache.suffix, req.cache.prefix) if isinstance(req.cache, PrefixCache) else (
+      req.cache, None)
+  batch_args = (jnp.asarray(req.prompt_BP), jnp.asarray(req.lengths_B), req.sampler, req.keys_B,
+                own)
+  other_args = (shared, req.eos_E, req.stop_NS, jnp.int32(req.max_new_tokens), jnp.int32(pad_id))
   if mesh is not None:
-    params, batch_args, other_args = prompts_lib.shard_batch(mesh, data_axis, params,
-                                                             batch_args, other_args)
-  out = _generate_jit(params, *batch_args, *other_args, step_fn=step_fn, prefill_len=t,
-                      buf_len=buf, stream_fn=stream_fn)
-  tokens_BL, logprobs_BL, lengths_B, reason_B, steps, final_cache = jax.block_until_ready(out)
-  steps = int(steps)
-  wall = time.perf_counter() - t0
+    params, batch_args, other_args = request.shard_batch(mesh, data_axis, params, batch_args,
+                                                         other_args)
+  out = _generate_jit(params, *batch_args, *other_args, step_fn=step_fn,
+                      prefill_len=req.prefill_len, buf_len=req.buf_len, stream_fn=stream_fn)
+  st = jax.block_until_ready(out)
+  final = st.cache if shared is None else PrefixCache(prefix=shared, suffix=st.cache)
+  n, b = req.max_new_tokens, req.batch
   return GenerateOutput(
-      tokens=tokens_BL[:, :max_new_tokens], logprobs=logprobs_BL[:, :max_new_tokens],
-      lengths=lengths_B, finish_reason=reason_B,
-      cost=cost_lib.generation_cost(params, final_cache, prefill_rows=b, prefill_len=t,
-                                    steps=steps, step_rows=b, tokens=int(lengths_B.sum()),
-                                    wall_time_s=wall),
-      cache=final_cache)
+      tokens=st.tokens_BL[:, :n], logprobs=st.logprobs_BL[:, :n], lengths=st.lengths_B,
+      finish_reason=st.reason_B,
+      cost=cost_lib.generation_cost(step_fn, params, final, prefill_rows=b,
+                                    prefill_len=req.prefill_len, steps=int(st.step),
+                                    step_rows=b, tokens=int(st.lengths_B.sum()),
+                                    wall_time_s=time.perf_counter() - t0),
+      cache=final)
 
 
-def prefill(params, step_fn: Callable, prompt_BP: Array, lens_B: Array, cache: KVCache,
-            prefill_len: int) -> tuple[KVCache, Array]:
+def prefill(params, step_fn: Callable, prompt_BP: Array, lens_B: Array, cache,
+            prefill_len: int) -> tuple[KVCache | PrefixCache, Array]:
   """Writes every prompt token but the last into the cache; returns (cache, last tokens [B]).
 
   Rows are right-padded; slot j holds position j, and lengths are then set to
@@ -141,17 +138,17 @@ def prefill(params, step_fn: Callable, prompt_BP: Array, lens_B: Array, cache: K
   token as the first decode step means no prefill logits are needed (XLA drops
   the LM head of the prefill).
   """
-  cache = cache.replace(lengths=jnp.zeros_like(cache.lengths))
+  cache = cache.with_lengths(jnp.zeros_like(cache.lengths))
   if prefill_len:
     _, cache = step_fn(params, prompt_BP[:, :prefill_len], cache)
   last_B = jnp.take_along_axis(prompt_BP, (lens_B - 1)[:, None], axis=1)[:, 0]
-  return cache.replace(lengths=(lens_B - 1).astype(jnp.int32)), last_B
+  return cache.with_lengths(lens_B - 1), last_B
 
 
 def stop_match(tokens_BL: Array, n: Array, stop_NS: Array) -> Array:
   """True for rows whose first `n` generated tokens end with a stop sequence.
 
-  `stop_NS` is right-aligned with -1 as left padding (`prompts.stop_array`).
+  `stop_NS` is right-aligned with -1 as left padding (`request.stop_array`).
   """
   s = stop_NS.shape[1]
   idx_S = n - s + jnp.arange(s)
@@ -161,21 +158,27 @@ def stop_match(tokens_BL: Array, n: Array, stop_NS: Array) -> Array:
   return jnp.any(jnp.all(ok_BNS, axis=-1) & jnp.any(stop_NS >= 0, axis=-1)[None], axis=-1)
 
 
-def _run(params, prompt_BP, lens_B, sampler, keys_B, cache, eos_E, stop_NS, max_new, pad_id,
-         *, step_fn, prefill_len, buf_len, stream_fn):
+def seen_prompt(prompt_BP: Array, lens_B: Array, vocab_size: int) -> Array:
+  """bool[B, V]: the tokens of each row's prompt (the repetition penalty's initial set)."""
   b = prompt_BP.shape[0]
-  cache, last_B = prefill(params, step_fn, prompt_BP, lens_B, cache, prefill_len)
-  s_max = cache.max_len
-  v_probe = jax.eval_shape(lambda: step_fn(params, last_B[:, None], cache)[0]).shape[-1]
   pos_BP = jnp.arange(prompt_BP.shape[1])[None]
-  seen_BV = jnp.zeros((b, v_probe), bool).at[jnp.arange(b)[:, None], prompt_BP].max(
+  return jnp.zeros((b, vocab_size), bool).at[jnp.arange(b)[:, None], prompt_BP].max(
       pos_BP < lens_B[:, None])
+
+
+def _run(params, prompt_BP, lens_B, sampler, keys_B, cache, shared, eos_E, stop_NS, max_new,
+         pad_id, *, step_fn, prefill_len, buf_len, stream_fn):
+  b = prompt_BP.shape[0]
+  if shared is not None:
+    cache = PrefixCache(prefix=shared, suffix=cache)
+  cache, last_B = prefill(params, step_fn, prompt_BP, lens_B, cache, prefill_len)
+  s_max, v = cache.max_len, step_fn.vocab_size
   rows_B = jnp.arange(b)
 
-  def body(st: _State) -> _State:
+  def body(st: GenState) -> GenState:
     active_B = ~st.done_B
     logits_BTV, cache = step_fn(params, st.next_B[:, None], st.cache)
-    cache = cache.replace(lengths=jnp.where(active_B, cache.lengths, st.cache.lengths))
+    cache = cache.with_lengths(jnp.where(active_B, cache.lengths, st.cache.lengths))
     logits_BV = logits_BTV[:, -1].astype(jnp.float32)
     step_keys = jax.vmap(jax.random.fold_in)(keys_B, cache.lengths)
     tok_B = sample(logits_BV, sampler, step_keys, st.seen_BV)
@@ -196,19 +199,22 @@ def _run(params, prompt_BP, lens_B, sampler, keys_B, cache, eos_E, stop_NS, max_
       reason_B = jnp.where(active_B & hit_B, int(code), reason_B)
     if stream_fn is not None:
       jax.debug.callback(stream_fn, st.step, tok_B, active_B, ordered=True)
-    return _State(n, tok_B, tokens_BL, logprobs_BL, st.lengths_B + active_B,
-                  reason_B != Finish.RUNNING, reason_B, seen_BV, cache)
+    return GenState(step=n, next_B=tok_B, tokens_BL=tokens_BL, logprobs_BL=logprobs_BL,
+                    lengths_B=st.lengths_B + active_B, done_B=reason_B != Finish.RUNNING,
+                    reason_B=reason_B, seen_BV=seen_BV, cache=cache)
 
-  def cond(st: _State):
+  def cond(st: GenState):
     return (st.step < buf_len) & ~jnp.all(st.done_B)
 
   # CACHE_FULL can only fire when the host check was waived by stop_on_full_cache=True.
   zeros_B = jnp.zeros((b,), jnp.int32)
-  st = _State(jnp.int32(0), last_B, jnp.full((b, buf_len), pad_id, jnp.int32),
-              jnp.zeros((b, buf_len), jnp.float32), zeros_B, zeros_B != 0, zeros_B, seen_BV,
-              cache)
+  st = GenState(step=jnp.int32(0), next_B=last_B,
+                tokens_BL=jnp.full((b, buf_len), pad_id, jnp.int32),
+                logprobs_BL=jnp.zeros((b, buf_len), jnp.float32), lengths_B=zeros_B,
+                done_B=zeros_B != 0, reason_B=zeros_B, seen_BV=seen_prompt(prompt_BP, lens_B, v),
+                cache=cache)
   st = jax.lax.while_loop(cond, body, st)
-  return st.tokens_BL, st.logprobs_BL, st.lengths_B, st.reason_B, st.step, st.cache
+  return st if shared is None else dataclasses.replace(st, cache=st.cache.suffix)
 
 
 _generate_jit = jax.jit(

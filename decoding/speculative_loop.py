@@ -14,21 +14,25 @@ A separate draft cache is kept at the same lengths as the target's.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array
 
-from decoding.generate import Finish, prefill, stop_match
-from decoding.kv_cache import KVCache
+from decoding.generate import Finish, prefill, seen_prompt, stop_match
 from decoding.sampling import Sampler, apply_repetition_penalty, process_logits
+from model.kv_cache import KVCache
 
 NEG_INF = -jnp.inf
 
 
-class State(NamedTuple):
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class State:
+  """The while_loop state of speculative decoding (`dcache` None: the draft shares tcache)."""
+
   rounds: Array  # verify calls so far
   gamma: Array  # this round's draft length
   gamma_sum: Array
@@ -74,7 +78,7 @@ def _draft(st: State, dparams, sampler, keys_BK, *, draft_step_fn, gamma_max):
   """
   b, v = st.seen_BV.shape
   shared = st.dcache is None
-  dc = st.tcache if shared else st.dcache.replace(lengths=st.tcache.lengths)
+  dc = st.tcache if shared else st.dcache.with_lengths(st.tcache.lengths)
   drafts_BG = jnp.zeros((b, gamma_max + 1), jnp.int32)
   q_BGV = jnp.zeros((b, gamma_max + 1, v), jnp.float32)
 
@@ -117,7 +121,7 @@ def _verify(st: State, dc, drafts_BG, tparams, sampler, *, target_step_fn, width
   b, v = st.seen_BV.shape
   g1 = drafts_BG.shape[1] + 1
   # A shared-cache draft wrote into the target's buffers: verify overwrites its slots.
-  tc = (dc if st.dcache is None else st.tcache).replace(lengths=st.tcache.lengths)
+  tc = (dc if st.dcache is None else st.tcache).with_lengths(st.tcache.lengths)
   tokens_BJ = jnp.concatenate([st.next_B[:, None], drafts_BG], axis=1)
 
   def verify(w, tc):
@@ -182,7 +186,7 @@ def _round(st: State, tparams, dparams, sampler, keys_B, eos_E, stop_NS, max_new
   last_B = chunk_BJ[rows_B, jnp.maximum(count_B - 1, 0)]
   keep_BJ = j_J < count_B[:, None]
   seen_BV = st.seen_BV.at[rows_B[:, None], chunk_BJ].max(keep_BJ)
-  tc = tc.replace(lengths=L_B + count_B)
+  tc = tc.with_lengths(L_B + count_B)
   dcache = None if st.dcache is None else dc
   # Adaptive gamma: +2 when most active rows accepted everything, else -1.
   full = jnp.sum(jnp.where(active_B, a_B == st.gamma, False))
@@ -210,10 +214,7 @@ def run(tparams, dparams, prompt_BP, lens_B, sampler, keys_B, tcache, dcache, eo
   tcache, last_B = prefill(tparams, target_step_fn, prompt_BP, lens_B, tcache, prefill_len)
   if dcache is not None:
     dcache, _ = prefill(dparams, draft_step_fn, prompt_BP, lens_B, dcache, prefill_len)
-  v = jax.eval_shape(lambda: target_step_fn(tparams, last_B[:, None], tcache)[0]).shape[-1]
-  pos_BP = jnp.arange(prompt_BP.shape[1])[None]
-  seen_BV = jnp.zeros((b, v), bool).at[jnp.arange(b)[:, None], prompt_BP].max(
-      pos_BP < lens_B[:, None])
+  seen_BV = seen_prompt(prompt_BP, lens_B, target_step_fn.vocab_size)
   zeros_B = jnp.zeros((b,), jnp.int32)
   width = buf_len + gamma_max + 1
   st = State(
@@ -229,8 +230,8 @@ def run(tparams, dparams, prompt_BP, lens_B, sampler, keys_B, tcache, dcache, eo
                           gamma_max=gamma_max, widths=widths)
   st = jax.lax.while_loop(lambda s: ~jnp.all(s.done_B) & (s.rounds < buf_len), body, st)
   valid_BL = jnp.arange(width)[None] < st.lengths_B[:, None]
-  return st._replace(tokens_BL=jnp.where(valid_BL, st.tokens_BL, pad_id),
-                     logprobs_BL=jnp.where(valid_BL, st.logprobs_BL, 0.0))
+  return dataclasses.replace(st, tokens_BL=jnp.where(valid_BL, st.tokens_BL, pad_id),
+                             logprobs_BL=jnp.where(valid_BL, st.logprobs_BL, 0.0))
 
 
 run_jit = jax.jit(

@@ -1,12 +1,33 @@
-"""sparq model: Llama-family decoder, ops dispatch, attention, tokenizers."""
+"""sparq model: the param tree's vocabulary, Llama-family decoder, ops, attention, KV cache."""
 
-from model.attention import AttentionMask, attention, merge_partials
+from model.attention import (
+    AttentionMask,
+    attention,
+    cache_attention,
+    cache_layout,
+    merge_partials,
+)
 from model.config import PRESETS, ModelConfig, RopeScaling, get_preset
+from model.decoder import Decoder
+from model.kv_cache import KVCache, PrefixCache, init_cache
+from model.qarray import QArray
 from model.tokenizer import ByteTokenizer, Tokenizer, get_tokenizer
-from model.transformer import Transformer, apply, count_params, init, logits_fn, param_shapes
+from model.transformer import (
+    Transformer,
+    apply,
+    hidden_states,
+    init,
+    param_shapes,
+    unembed,
+)
+from model.tree import flatten, match_rules, path_str, tree_nbytes, tree_size
+
+count_params = tree_size  # logical parameters: an int4 tree counts as its float original
 
 __all__ = [
-    "AttentionMask", "ByteTokenizer", "ModelConfig", "PRESETS", "RopeScaling", "Tokenizer",
-    "Transformer", "apply", "attention", "count_params", "get_preset", "get_tokenizer", "init",
-    "logits_fn", "merge_partials", "param_shapes",
+    "AttentionMask", "ByteTokenizer", "Decoder", "KVCache", "ModelConfig", "PRESETS",
+    "PrefixCache", "QArray", "RopeScaling", "Tokenizer", "Transformer", "apply", "attention",
+    "cache_attention", "cache_layout", "count_params", "flatten", "get_preset", "get_tokenizer",
+    "hidden_states", "init", "init_cache", "match_rules", "merge_partials", "param_shapes",
+    "path_str", "tree_nbytes", "tree_size", "unembed",
 ]

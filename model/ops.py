@@ -1,17 +1,17 @@
 """The one dispatch point for weight use.
 
 Every matmul against a parameter goes through `dot` (or `einsum`). A weight
-may be a plain array, or a `quant.QArray`; sparse formats plug in here later.
+may be a plain array, or a `model.qarray.QArray`; sparse formats plug in here later.
 This module is the only place that may call a low-bit Pallas kernel.
 """
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from quant.qarray import QArray, codes, dequantize
+from model.qarray import QArray, codes, dequantize
+from pallas_kernels import api as kernels
 
 
 def dot(x: Float[Array, "... In"], w, *, impl: str = "xla", dtype=None) -> Float[Array, "... Out"]:
@@ -40,11 +40,9 @@ def _qdot(x: Float[Array, "... In"], w: QArray, *, impl: str, dtype) -> Float[Ar
     return jnp.matmul(x, dequantize(w, dtype), preferred_element_type=jnp.float32).astype(dtype)
   per_channel = not w.group_size and w.scale.shape[0] == 1  # scale [1, N] or [1, 1]
   if impl == "pallas" and w.fmt == "int" and w.bits == 8 and w.zero is None and per_channel:
-    from pallas_kernels import api  # imported lazily: kernels are optional on CPU
-
     lead, n = x.shape[:-1], w.shape[1]
     scale_1N = jnp.broadcast_to(w.scale, (1, n))
-    y = api.int8_matmul(x.reshape(-1, x.shape[-1]), w.values, scale_1N)
+    y = kernels.int8_matmul(x.reshape(-1, x.shape[-1]), w.values, scale_1N)
     return y.reshape(*lead, n).astype(dtype)
   if per_channel:
     # Codes (|int| <= 128, or float8 values) are exact in bf16 / f16 / f32.
@@ -63,11 +61,3 @@ def _qdot(x: Float[Array, "... In"], w: QArray, *, impl: str, dtype) -> Float[Ar
   # take the low-bit Pallas kernels instead.
   return jnp.matmul(x, dequantize(w, dtype), preferred_element_type=jnp.float32).astype(dtype)
 
-
-def param_shape(w) -> tuple[int, ...]:
-  """Logical shape of a weight leaf (plain array or QArray)."""
-  return tuple(w.shape)
-
-
-def is_weight_leaf(x) -> bool:
-  return isinstance(x, (QArray, jax.Array)) or hasattr(x, "shape")

@@ -1,25 +1,25 @@
 """Device mesh and logical-axis sharding rules over parameter paths.
 
 Two ordered rule lists, first match wins:
-  PARAM_RULES:  (regex over a leaf path, logical PartitionSpec), e.g.
-                ("attn/(q|k|v)/kernel", P("embed", "heads"));
+  PARAM_RULES:  the default (regex over a leaf path, logical PartitionSpec) rules,
+                e.g. ("attn/(q|k|v)/kernel", P("embed", "heads")); user rules go
+                before them (`model.tree.match_rules`);
   AXIS_RULES:   logical axis -> mesh axis (or axes), e.g. ("embed", "fsdp").
-Paths join pytree keys with "/" (`layers_3/attn/q/kernel`), so the same rules
-shard optimizer moments (`.../mu/layers_3/attn/q/kernel`), masks, and the
-arrays inside a QArray leaf (`.../q/kernel/values`). A mesh axis that does not
-divide a dimension is dropped for that leaf (replicated along it), so every
-rule set is valid for every mesh. Unmatched leaves are replicated.
+Paths (`model.tree.path_str`) cover optimizer moments (`.../mu/layers_3/attn/q/kernel`),
+masks, and the arrays inside a QArray leaf (`.../q/kernel/values`), so one rule
+set shards them all. A mesh axis that does not divide a dimension is dropped for
+that leaf (replicated along it), so every rule set is valid for every mesh.
+Unmatched leaves are replicated.
 """
 
 from __future__ import annotations
 
-import re
-
 import jax
 import numpy as np
-from absl import logging
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from model.tree import Rules, flatten, match_rules
 
 MESH_AXES = ("data", "fsdp", "tensor")
 _B = r"\b"  # rules match a key prefix: `kernel` also covers `kernel/values`
@@ -66,19 +66,6 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> M
   return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
 
 
-def path_str(path) -> str:
-  """'layers_0/attn/q/kernel' from a jax key path."""
-  parts = []
-  for k in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-    else:
-      parts.append(str(k))
-  return "/".join(parts)
-
-
 def to_mesh_spec(logical: P, shape: tuple[int, ...], mesh,
                  axis_rules=AXIS_RULES) -> P:
   """Maps logical axis names to mesh axes, dropping any that don't divide the dimension."""
@@ -95,30 +82,25 @@ def to_mesh_spec(logical: P, shape: tuple[int, ...], mesh,
   return P(*out)
 
 
-def tree_specs(tree, mesh, rules=PARAM_RULES, axis_rules=AXIS_RULES):
-  """(mesh PartitionSpec per leaf, rule patterns that matched no leaf); `mesh` may be abstract."""
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
-  compiled = [(re.compile(r), spec) for r, spec in rules]
-  used, out = set(), []
-  for path, leaf in leaves:
-    name, logical = path_str(path), P()
-    for i, (rx, spec) in enumerate(compiled):
-      if rx.search(name):
-        used.add(i)
-        logical = spec
-        break
-    shape = tuple(getattr(leaf, "shape", ()))
-    out.append(to_mesh_spec(logical, shape, mesh, axis_rules))
-  unused = [rules[i][0] for i in range(len(rules)) if i not in used]
-  return jax.tree_util.tree_unflatten(treedef, out), unused
+def tree_specs(tree, mesh, rules: Rules = (), *, defaults: Rules = PARAM_RULES,
+               axis_rules=AXIS_RULES):
+  """Mesh PartitionSpec per array leaf of `tree` (`mesh` may be abstract).
+
+  `rules` are the user's `(regex, logical PartitionSpec)` rules, tried before
+  `defaults`; each must win a path (`model.tree.match_rules`). Unmatched leaves are
+  replicated.
+  """
+  paths, leaves, treedef = flatten(tree, is_leaf=None)
+  logical = match_rules(paths, rules, defaults, kind="sharding", unmatched=P())
+  out = [to_mesh_spec(spec, tuple(getattr(x, "shape", ())), mesh, axis_rules)
+         for spec, x in zip(logical, leaves, strict=True)]
+  return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def tree_shardings(tree, mesh: Mesh, rules=PARAM_RULES, axis_rules=AXIS_RULES,
-                   report_unused: bool = True):
+def tree_shardings(tree, mesh: Mesh, rules: Rules = (), *, defaults: Rules = PARAM_RULES,
+                   axis_rules=AXIS_RULES):
   """NamedSharding per leaf of `tree` (arrays or ShapeDtypeStructs) from the path rules."""
-  specs, unused = tree_specs(tree, mesh, rules, axis_rules)
-  if report_unused and unused:
-    logging.info("sharding rules that matched no leaf: %s", unused)
+  specs = tree_specs(tree, mesh, rules, defaults=defaults, axis_rules=axis_rules)
   return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
                       is_leaf=lambda x: isinstance(x, P))
 

@@ -1,14 +1,15 @@
-"""Quantization: QArray leaves, formats, PTQ and QAT transforms."""
+"""Quantization: QArray leaves (defined in `model.qarray`), formats, PTQ and QAT transforms."""
 
-from quant.checkpoint import from_state_dict, qarray_metadata, restore, save, to_state_dict
-from quant.qarray import QArray, codes, dequantize, is_qarray, pack, unpack
+from model.checkpoint import from_state_dict, qarray_manifest, to_state_dict
+from model.qarray import QArray, codes, dequantize, is_qarray, pack, unpack
+from quant.checkpoint import restore, save
 from quant.recipes import FORMATS, QuantSpec, default_rules, parse_recipe
 from quant.rtn import quantize_tensor
-from quant.transform import abstract_quantize, format_report, param_bytes, plan, quantize
+from quant.transform import abstract_quantize, format_report, plan, quantize
 
 __all__ = [
     "FORMATS", "QArray", "QuantSpec", "abstract_quantize", "codes", "default_rules", "dequantize",
-    "format_report", "from_state_dict", "is_qarray", "pack", "param_bytes",
-    "parse_recipe", "plan", "qarray_metadata", "quantize", "quantize_tensor", "restore", "save",
-    "to_state_dict", "unpack",
+    "format_report", "from_state_dict", "is_qarray", "pack", "parse_recipe", "plan",
+    "qarray_manifest", "quantize", "quantize_tensor", "restore", "save", "to_state_dict",
+    "unpack",
 ]

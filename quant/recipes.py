@@ -118,6 +118,8 @@ DEFAULT_SKIP = r"(^|/)(embed|lm_head)/"
 DEFAULT_TARGET = r"(^|/)kernel$"
 
 
-def default_rules(spec) -> list[tuple[str, QuantSpec | None]]:
-  """The rules a bare recipe expands to: skip embed / lm_head, quantize every `kernel`."""
-  return [(DEFAULT_SKIP, None), (DEFAULT_TARGET, as_spec(spec))]
+def default_rules(spec=None) -> list[tuple[str, QuantSpec | None]]:
+  """The default rules (tried after the user's): skip embed / lm_head, then `spec` on every
+  `kernel` (with spec None only the skip: what no rule selects stays float)."""
+  spec = as_spec(spec)
+  return [(DEFAULT_SKIP, None)] + ([] if spec is None else [(DEFAULT_TARGET, spec)])

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from quant.qarray import INT_BITS, QArray, pack
+from model.qarray import INT_BITS, QArray, pack
 
 FP_DTYPES = {"e4m3": jnp.float8_e4m3fn, "e5m2": jnp.float8_e5m2}
 FMTS = ("int", *FP_DTYPES)

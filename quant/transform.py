@@ -1,87 +1,53 @@
 """`quantize(params, spec)`: the PTQ transform over a param tree, with its report.
 
-Rules are ordered `(regex, spec)` pairs matched with `re.search` (as in
-`sparsity.rules`; anchor with ^ / $) against '/'-joined param paths
-(`layers_3/attn/q/kernel`); the first match wins and a `None` spec keeps the
-leaf float. A bare recipe (`"int4:g128"`) expands to
-`recipes.default_rules`. Every explicit rule must win at least one path.
+Rules are ordered `(regex, spec)` pairs matched by `model.tree.match_rules`
+(`re.search`; anchor with ^ / $) against '/'-joined param paths
+(`layers_3/attn/q/kernel`): user rules before `recipes.default_rules` (skip the
+embedding and LM head, then the recipe on every `kernel`), first match wins, a
+`None` spec keeps the leaf float, and every user rule must win a path.
 """
 
 from __future__ import annotations
-
-import re
-from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from quant.qarray import QArray, dequantize, is_qarray
+from model.qarray import QArray, dequantize, is_qarray
+from model.tree import flatten, leaf_nbytes, match_rules, tree_nbytes
 from quant.recipes import QuantSpec, as_spec, default_rules
 from quant.rtn import _check_args, quantize_tensor
 
 Rule = tuple[str, QuantSpec | str | None]
 
 
-def path_str(key_path) -> str:
-  """'/'-joined names of a jax key path (dict keys, attributes, sequence indices)."""
-  parts = []
-  for k in key_path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-  return "/".join(parts)
-
-
-def leaf_nbytes(x) -> int:
-  """Bytes a leaf occupies (QArray: codes + scales + zero points)."""
-  if is_qarray(x):
-    return x.nbytes
-  return int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
-
-
-def param_bytes(params) -> int:
-  """Total bytes of a param tree, counting QArray leaves honestly (packed codes)."""
-  return sum(leaf_nbytes(x) for x in jax.tree.leaves(params, is_leaf=is_qarray))
-
-
-def plan(params, spec) -> tuple[list[str], list[QuantSpec | None], list]:
-  """Validates `spec` against `params`; returns (paths, per-leaf spec, leaves) in tree order."""
-  rules, required = _rules(spec)
-  flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_qarray)[0]
-  paths = [path_str(kp) for kp, _ in flat]
-  leaves = [x for _, x in flat]
-  compiled = [re.compile(r) for r, _ in rules]
-  wins = [0] * len(rules)
-  specs: list[QuantSpec | None] = []
-  for path, leaf in zip(paths, leaves, strict=True):
-    i = next((i for i, c in enumerate(compiled) if c.search(path)), None)
-    s = None if i is None else rules[i][1]
-    if i is not None:
-      wins[i] += 1
+def plan(params, spec, *, rules=()) -> tuple[list[str], list[QuantSpec | None], list]:
+  """Validates `spec` and `rules` against `params`; returns (paths, per-leaf spec, leaves)."""
+  base, user = _split(spec, rules)
+  paths, leaves, _ = flatten(params)
+  specs = match_rules(paths, user, default_rules(base), kind="quant", convert=as_spec)
+  for path, leaf, s in zip(paths, leaves, specs, strict=True):
     if s is not None:
-      _check_leaf(path, leaf, s, rules[i][0])
-    specs.append(s)
-  for (regex, _), c, n, req in zip(rules, compiled, wins, required, strict=True):
-    if req and not n:
-      shadowed = any(c.search(p) for p in paths)
-      why = "is shadowed by earlier rules" if shadowed else "matches no param path"
-      raise ValueError(f"quant rule {regex!r} {why} (rules use re.search on paths such as "
-                       f"{paths[:3]})")
+      _check_leaf(path, leaf, s)
   if not any(s is not None for s in specs):
-    raise ValueError(f"quant spec={_describe(spec)} quantizes no leaf of params")
+    raise ValueError(f"quant spec={_describe(base, user)} quantizes no leaf of params")
   return paths, specs, leaves
 
 
-def quantize(params, spec, *, calib=None, key=None) -> tuple[dict, dict]:
-  """Quantizes the kernels selected by `spec` (recipe, QuantSpec or rule list) with RTN.
+def quantize(params, spec, *, rules=(), calib=None, key=None) -> tuple[dict, dict]:
+  """Quantizes the kernels selected by `spec` and `rules` with RTN.
 
-  `calib` and `key` complete the transform contract; round-to-nearest uses neither.
+  Args:
+    spec: a recipe ("int8", "int4:g128"), a QuantSpec, None, or (shorthand for
+      `rules=`) a rule list. A recipe quantizes every `kernel` but the embedding and
+      LM head (`recipes.default_rules`).
+    rules: `(regex, spec)` rules tried before the defaults, first match wins; a
+      None spec keeps the leaf float, and every rule must win a path.
+    calib, key: the transform contract; round-to-nearest uses neither.
   Returns (params with QArray leaves, JSON-able report).
   """
   del calib, key
-  paths, specs, leaves = plan(params, spec)
+  paths, specs, leaves = plan(params, spec, rules=rules)
   out, layers = [], {}
   for path, s, w in zip(paths, specs, leaves, strict=True):
     if s is None:
@@ -90,42 +56,38 @@ def quantize(params, spec, *, calib=None, key=None) -> tuple[dict, dict]:
     q = quantize_tensor(w, **s.tensor_kwargs())
     rel, max_abs = (float(v) for v in _errors(w, q))
     layers[path] = dict(spec=s.name, shape=list(w.shape), dtype=str(jnp.dtype(w.dtype)),
-                        bytes_before=leaf_nbytes(w), bytes_after=q.nbytes,
+                        bytes_before=leaf_nbytes(w), bytes_after=leaf_nbytes(q),
                         rel_fro_err=rel, max_abs_err=max_abs)
     out.append(q)
-  treedef = jax.tree.structure(params, is_leaf=is_qarray)
-  new_params = jax.tree.unflatten(treedef, out)
-  return new_params, _report(spec, params, new_params, layers)
+  new_params = jax.tree.unflatten(jax.tree.structure(params, is_leaf=is_qarray), out)
+  return new_params, _report(spec, rules, params, new_params, layers)
 
 
-def abstract_quantize(abstract_params, spec):
+def abstract_quantize(abstract_params, spec, *, rules=()):
   """The quantized tree's shapes/dtypes (an orbax restore target) without any compute."""
-  _, specs, leaves = plan(abstract_params, spec)
+  _, specs, leaves = plan(abstract_params, spec, rules=rules)
   qt = lambda w, s: jax.eval_shape(lambda x: quantize_tensor(x, **s.tensor_kwargs()), w)
   out = [w if s is None else qt(w, s) for s, w in zip(specs, leaves, strict=True)]
   return jax.tree.unflatten(jax.tree.structure(abstract_params, is_leaf=is_qarray), out)
 
 
-def _rules(spec) -> tuple[list[tuple[str, QuantSpec | None]], list[bool]]:
-  if isinstance(spec, (str, QuantSpec)):
-    return default_rules(spec), [False, True]
-  if not isinstance(spec, Sequence) or not spec:
-    raise ValueError(f"quant spec={spec!r} must be a recipe string, a QuantSpec or a non-empty "
-                     "list of (regex, spec) rules")
-  rules = []
-  for rule in spec:
-    if not isinstance(rule, (tuple, list)) or len(rule) != 2 or not isinstance(rule[0], str):
-      raise ValueError(f"quant rule {rule!r} must be a (regex, spec) pair")
-    try:
-      re.compile(rule[0])
-    except re.error as e:
-      raise ValueError(f"quant rule {rule[0]!r} is not a valid regex: {e}") from None
-    rules.append((rule[0], as_spec(rule[1])))
-  return rules, [True] * len(rules)
+def _split(spec, rules) -> tuple[QuantSpec | None, list]:
+  """(base spec, user rules); a rule list passed as `spec` is the user rules."""
+  if isinstance(spec, (list, tuple)):
+    if rules:
+      raise ValueError("pass the quant rules either as spec or as rules=, not both")
+    if not spec:
+      raise ValueError("quant spec=[] is an empty rule list; pass a recipe or (regex, spec) "
+                       "rules")
+    return None, list(spec)
+  if spec is not None and not isinstance(spec, (str, QuantSpec)):
+    raise ValueError(f"quant spec={spec!r} must be a recipe string, a QuantSpec, None or a list "
+                     "of (regex, spec) rules")
+  return as_spec(spec), list(rules)
 
 
-def _check_leaf(path, leaf, s: QuantSpec, regex):
-  where = f"quant rule {regex!r} selects {path!r}"
+def _check_leaf(path, leaf, s: QuantSpec):
+  where = f"quant spec {s.name!r} selects {path!r}"
   if is_qarray(leaf):
     raise ValueError(f"{where}, which is already quantized ({leaf!r})")
   if len(leaf.shape) != 2:
@@ -147,26 +109,25 @@ def _errors(w, q: QArray):
   return rel, jnp.max(jnp.abs(d))
 
 
-def _describe(spec) -> str:
-  if isinstance(spec, QuantSpec):
-    return repr(spec.name)
-  if isinstance(spec, str):
-    return repr(spec)
-  return repr([(r, getattr(s, "name", s)) for r, s in _rules(spec)[0]])
+def _name(spec) -> str | None:
+  return None if spec is None else as_spec(spec).name
 
 
-def _report(spec, params, new_params, layers) -> dict:
-  before, after = param_bytes(params), param_bytes(new_params)
-  q_before = sum(v["bytes_before"] for v in layers.values())
-  q_after = sum(v["bytes_after"] for v in layers.values())
-  rules, _ = _rules(spec)
+def _describe(base, user) -> str:
+  return repr([(r, _name(s)) for r, s in user] if user else _name(base))
+
+
+def _report(spec, rules, params, new_params, layers) -> dict:
+  base, user = _split(spec, rules)
+  before, after = tree_nbytes(params), tree_nbytes(new_params)
   errs = [v["rel_fro_err"] for v in layers.values()]
   return dict(
-      recipe=spec.name if isinstance(spec, QuantSpec) else spec if isinstance(spec, str) else None,
-      method="rtn",
-      rules=[[r, None if s is None else s.name] for r, s in rules],
+      recipe=_name(base), method="rtn",
+      rules=[[r, _name(s)] for r, s in (*user, *default_rules(base))],
       n_quantized=len(layers), bytes_before=before, bytes_after=after,
-      compression=before / after, quantized_bytes_before=q_before, quantized_bytes_after=q_after,
+      compression=before / after,
+      quantized_bytes_before=sum(v["bytes_before"] for v in layers.values()),
+      quantized_bytes_after=sum(v["bytes_after"] for v in layers.values()),
       mean_rel_fro_err=float(np.mean(errs)), max_rel_fro_err=float(np.max(errs)),
       layers=layers)
 

@@ -13,7 +13,6 @@ alternating. tokens/s = batch * new_tokens / wall time (prefill included);
 Writes docs/bench_decode.json and docs/bench_decode.md.
 """
 
-import functools
 import json
 import os
 import platform
@@ -56,11 +55,10 @@ def _best(fn, repeats):
 
 def _sparq_runner(cfg, params):
   """decoding.generate; the warm-up compiles both shapes timed later (new and 1 tokens)."""
-  step_fn = model.logits_fn(cfg)
+  step_fn = model.Decoder(cfg)
 
   def run(prompts, new):
-    out = decoding.generate(params, prompts, step_fn, max_new_tokens=new,
-                            cache=functools.partial(decoding.init_cache, cfg))
+    out = decoding.generate(params, prompts, step_fn, max_new_tokens=new)
     return np.asarray(out.tokens)
 
   def warm_up(prompts, new):

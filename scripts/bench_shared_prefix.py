@@ -17,7 +17,6 @@ Writes docs/bench_shared_prefix.{json,md}.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import time
@@ -30,7 +29,6 @@ from absl import app, flags
 import decoding
 import model
 from decoding import shared_prefix
-from decoding.kv_cache import gather_rows
 
 MACHINE = "2-core CPU container, no accelerator"
 MODELS = {
@@ -52,10 +50,10 @@ _OUT = flags.DEFINE_string("out", "docs/bench_shared_prefix", "Output path witho
 
 def _decode_seconds(cfg, params, prefix, last: int, n: int, new: int, repeats: int) -> float:
   sampler = decoding.Sampler.create(n, temperature=1.0)
-  run = lambda: decoding.generate(
-      (params, prefix), [[last]] * n, shared_prefix.prefix_step_fn(cfg), sampler=sampler,
-      max_new_tokens=new, cache=functools.partial(decoding.init_cache, cfg),
-      key=jax.random.key(0))
+  decoder = model.Decoder(cfg)
+  cache = lambda b, s: model.PrefixCache(prefix=prefix, suffix=decoder.init_cache(b, s))
+  run = lambda: decoding.generate(params, [[last]] * n, decoder, sampler=sampler,
+                                  max_new_tokens=new, cache=cache, key=jax.random.key(0))
   run()  # compile
   best = np.inf
   for _ in range(repeats):
@@ -71,11 +69,11 @@ def bench_model(name: str, cfg, lengths, n: int, new: int, repeats: int, log=pri
   rows = []
   for p in lengths:
     t0 = time.perf_counter()
-    prefix, last = shared_prefix.prefill_prefix(cfg, params, rng.randint(0, 256, p))
+    prefix, last, _ = shared_prefix.prefill_prefix(cfg, params, rng.randint(0, 256, p))
     jax.block_until_ready(prefix.k)
     prefill_s = time.perf_counter() - t0
     shared = _decode_seconds(cfg, params, prefix, last, n, new, repeats)
-    copied = gather_rows(prefix, jnp.zeros((n,), jnp.int32))
+    copied = prefix.take(jnp.zeros((n,), jnp.int32))
     naive = _decode_seconds(cfg, params, copied, last, n, new, repeats)
     del copied
     row = {"model": name, "prompt_len": p, "n": n, "new_tokens": new,

@@ -26,6 +26,7 @@ import numpy as np
 from absl import app, flags
 
 import decoding
+import model
 from decoding import early_exit, speculative
 from scripts import checkpoint_lib, data_lib, eval_lib
 
@@ -50,7 +51,7 @@ def _prompts(workdir: str, n: int, length: int) -> list[list[int]]:
 
 def _forward_ms(cfg, params, t: int, exit_layer=None, steps: int = 32, ctx: int = 192) -> float:
   """Mean time of one cached forward over t tokens (batch 1), from a jitted loop."""
-  step = speculative.model_step_fn(cfg, exit_layer)
+  step = model.Decoder(cfg) if exit_layer is None else early_exit.ExitDecoder(cfg, exit_layer)
 
   @jax.jit
   def loop(params, cache):
@@ -60,7 +61,7 @@ def _forward_ms(cfg, params, t: int, exit_layer=None, steps: int = 32, ctx: int 
       return cache.replace(lengths=cache.lengths - t + 1), jnp.argmax(logits[:, -1:], -1)
     return jax.lax.fori_loop(0, steps, body, (cache, jnp.zeros((1, 1), jnp.int32)))[1]
 
-  cache = speculative.model_cache(cfg, 1, 512).replace(lengths=jnp.array([ctx], jnp.int32))
+  cache = step.init_cache(1, min(512, cfg.max_seq_len)).with_lengths(jnp.array([ctx]))
   jax.block_until_ready(loop(params, cache))
   best = min(_timed(lambda: loop(params, cache)) for _ in range(5))
   return 1e3 * best / steps
@@ -79,9 +80,8 @@ def run(target_workdir, draft_workdir, exit_workdir, *, n_prompts, prompt_len, m
   dp, dcfg, _ = checkpoint_lib.load_params(draft_workdir)
   speculative.check_compatible(tcfg, dcfg)
   prompts = _prompts(target_workdir, n_prompts, prompt_len)
-  t_step = speculative.model_step_fn(tcfg)
-  methods = {"greedy": lambda p: decoding.generate(
-      tp, [p], t_step, max_new_tokens=max_new, cache=functools.partial(decoding.init_cache, tcfg))}
+  t_step = model.Decoder(tcfg)
+  methods = {"greedy": lambda p: decoding.generate(tp, [p], t_step, max_new_tokens=max_new)}
   spec = functools.partial(speculative.speculative_decode, tcfg, tp, dcfg, dp,
                            max_new_tokens=max_new)
   for g in gammas:
@@ -91,7 +91,7 @@ def run(target_workdir, draft_workdir, exit_workdir, *, n_prompts, prompt_len, m
       [p], gamma=2, gamma_max=g_max, schedule="heuristic")
   exit_layer = None
   if exit_workdir:
-    ep, _, _ = checkpoint_lib.load_params(exit_workdir)
+    ep = early_exit.from_legacy(checkpoint_lib.load_params(exit_workdir)[0])
     exit_layer = int(checkpoint_lib.load_meta(exit_workdir)["exit_layer"])
     for g in gammas:
       methods[f"self-spec (exit {exit_layer}), gamma={g}"] = functools.partial(

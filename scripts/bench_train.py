@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags, logging
 
+import model
 from model import transformer
 from model.config import get_preset
 from scripts import data_lib, train_lib
@@ -51,7 +52,7 @@ def bench(preset: str, seq_len: int, batch_size: int, steps: int) -> dict:
     state, m = step(state, b)
   jax.block_until_ready(m)
   dt = time.perf_counter() - t0
-  return {"preset": preset, "params": transformer.count_params(state["params"]),
+  return {"preset": preset, "params": model.tree_size(state["params"]),
           "seq_len": seq_len, "batch_size": batch_size, "steps": steps,
           "compile_s": round(compile_s, 2), "step_s": round(dt / steps, 4),
           "tokens_per_s": round(batch_size * seq_len * steps / dt, 1),

@@ -1,90 +1,28 @@
-"""orbax checkpoints of sparq models and train states.
+"""Checkpoints of sparq runs: `model.checkpoint`'s format with the run's ModelConfig.
 
-Layout of a workdir:
-  checkpoints/<step>/params      params (StandardSave; QArray leaves as {values, scale, zero})
-  checkpoints/<step>/opt_state   optimizer state (train checkpoints only)
-  checkpoints/<step>/data        data-iterator state (JSON; train checkpoints only)
-  checkpoints/<step>/meta        {"model_config", "qarrays", ...} (JSON)
-  model_config.json              the ModelConfig of the latest save
-Saves are atomic (orbax writes a temporary folder and renames it), so an
-interrupted save never shadows the previous checkpoint. `meta["qarrays"]` holds
-the static fields of every QArray leaf, so a quantized checkpoint loads without
-knowing its structure in advance.
+Train checkpoints add the optimizer state (masks included) and the data-iterator
+position to the params and meta items (layout in `model.checkpoint`).
 """
 
 from __future__ import annotations
 
-import json
 import os
 
-import jax
-import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from model import checkpoint as ckpt
 from model.config import ModelConfig
-from model.sharding import path_str
-from quant.qarray import QArray
 
-CKPT_SUBDIR = "checkpoints"
-_ITEMS = ("params", "opt_state", "data", "meta")
-
-
-def manager(workdir: str, keep: int | None = None, create: bool = True) -> ocp.CheckpointManager:
-  """A synchronous CheckpointManager over `workdir/checkpoints` keeping `keep` steps."""
-  handlers = {
-      "params": ocp.StandardCheckpointHandler(), "opt_state": ocp.StandardCheckpointHandler(),
-      "data": ocp.JsonCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
-                                         enable_async_checkpointing=False)
-  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, CKPT_SUBDIR)),
-                               options=options, item_handlers=handlers)
+CKPT_SUBDIR = ckpt.CKPT_SUBDIR
+has_checkpoint = ckpt.has_checkpoint
+load_meta = ckpt.load_meta
+manager = ckpt.manager
 
 
-def qarray_manifest(params) -> dict[str, dict]:
-  """Static fields of every QArray leaf, keyed by its path."""
-  out = {}
-  leaves = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: isinstance(x, QArray))
-  for path, leaf in leaves[0]:
-    if isinstance(leaf, QArray):
-      out[path_str(path)] = {"shape": list(leaf.shape), "bits": leaf.bits, "fmt": leaf.fmt,
-                             "group_size": leaf.group_size, "dtype": jnp.dtype(leaf.dtype).name}
-  return out
-
-
-def _rebuild_qarrays(tree: dict, manifest: dict[str, dict]) -> dict:
-  for path, f in manifest.items():
-    *parents, last = path.split("/")
-    node = tree
-    for k in parents:
-      node = node[k]
-    d = node[last]
-    node[last] = QArray(values=d["values"], scale=d["scale"], zero=d.get("zero"),
-                        shape=tuple(f["shape"]), bits=f["bits"], fmt=f["fmt"],
-                        group_size=f["group_size"], dtype=jnp.dtype(f["dtype"]))
-  return tree
-
-
-def save(mgr: ocp.CheckpointManager, step: int, params, model_cfg: ModelConfig, *,
-         opt_state=None, data_state: dict | None = None, meta: dict | None = None) -> None:
-  """Saves one checkpoint (params + meta, and opt_state / data state when given)."""
-  full_meta = {"step": int(step), "model_config": model_cfg.to_dict(),
-               "qarrays": qarray_manifest(params), **(meta or {})}
-  items = {"params": ocp.args.StandardSave(params), "meta": ocp.args.JsonSave(full_meta)}
-  if opt_state is not None:
-    items["opt_state"] = ocp.args.StandardSave(opt_state)
-  if data_state is not None:
-    items["data"] = ocp.args.JsonSave(data_state)
-  mgr.save(int(step), args=ocp.args.Composite(**items), force=True)
-  mgr.wait_until_finished()
-  _write_json(os.path.join(os.path.dirname(mgr.directory), "model_config.json"),
-              model_cfg.to_dict())
-
-
-def _write_json(path: str, obj) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2)
-  os.replace(tmp, path)
+def save_train_state(mgr: ocp.CheckpointManager, step: int, params, model_cfg: ModelConfig, *,
+                     opt_state, data_state: dict) -> None:
+  """One train checkpoint: params, optimizer state, data-iterator state and meta."""
+  ckpt.save(mgr, step, params, model_cfg=model_cfg, opt_state=opt_state, data_state=data_state)
 
 
 def restore_train_state(mgr: ocp.CheckpointManager, step: int, abstract_params,
@@ -99,68 +37,34 @@ def restore_train_state(mgr: ocp.CheckpointManager, step: int, abstract_params,
 
 def save_params(workdir: str, params, model_cfg: ModelConfig, step: int = 0,
                 meta: dict | None = None, replace: bool = False) -> str:
-  """Saves a params-only checkpoint (e.g. a pruned or quantized model); returns its folder.
-
-  replace: an existing checkpoint at `step` is deleted first (for outputs derived
-  again on a resumed run; a kill in between leaves no checkpoint at `step`, never a
-  partial one). Without it an existing step is an error.
-  """
-  mgr = manager(workdir)
-  if replace and step in mgr.all_steps():
-    mgr.delete(step)
-  save(mgr, step, params, model_cfg, meta=meta)
-  mgr.close()
-  return os.path.join(mgr.directory, str(step))
-
-
-def load_meta(workdir: str, step: int | None = None) -> dict:
-  """The meta JSON of a checkpoint (latest step by default)."""
-  mgr = _reader(workdir)
-  step = _pick_step(mgr, workdir, step)
-  meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-  mgr.close()
-  return meta
-
-
-def has_checkpoint(workdir: str) -> bool:
-  """Whether `workdir/checkpoints` holds a finished checkpoint (read-only check)."""
-  d = os.path.join(workdir, CKPT_SUBDIR)
-  return os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d))
-
-
-def _reader(workdir: str) -> ocp.CheckpointManager:
-  if not has_checkpoint(workdir):
-    raise ValueError(f"--workdir={workdir!r} holds no checkpoints (expected {CKPT_SUBDIR}/<step>)")
-  return manager(workdir, create=False)
-
-
-def _pick_step(mgr, workdir: str, step: int | None) -> int:
-  steps = mgr.all_steps()
-  if step is None:
-    return max(steps)
-  if step not in steps:
-    raise ValueError(f"--step={step} is not a checkpoint in {workdir!r}; valid: {sorted(steps)}")
-  return step
+  """A params-only checkpoint of a model (pruned, quantized, imported); returns its folder."""
+  return ckpt.save_params(workdir, params, model_cfg=model_cfg, step=step, meta=meta,
+                          replace=replace)
 
 
 def load_params(workdir: str, step: int | None = None, sharding=None):
-  """(params, ModelConfig, step) of a checkpoint; QArray leaves are rebuilt.
+  """(params, ModelConfig, step) of a checkpoint (latest by default); QArray leaves rebuilt."""
+  params, meta, step = ckpt.load_params(workdir, step, sharding=sharding)
+  return params, ckpt.model_config(meta, workdir), step
 
-  `sharding(path, shape) -> Sharding` places each array (default: the first device).
+
+def check_writable_dir(path: str, flag: str, *, differ_from: str | None = None) -> str:
+  """The absolute `path` if it is (or can be created as) a writable folder; else ValueError.
+
+  `flag` names the argument in the message (e.g. "--out"); `differ_from` is a folder
+  the output must not be (the source checkpoint's).
   """
-  mgr = _reader(workdir)
-  step = _pick_step(mgr, workdir, step)
-  meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-  tree = mgr.item_metadata(step)["params"].tree
-  dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-
-  def abstract(path, m):
-    s = sharding(path_str(path), tuple(m.shape)) if sharding else dev
-    return jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s)
-
-  target = jax.tree_util.tree_map_with_path(abstract, tree)
-  params = mgr.restore(step, args=ocp.args.Composite(
-      params=ocp.args.StandardRestore(target))).params
-  mgr.close()
-  params = _rebuild_qarrays(params, meta.get("qarrays", {}))
-  return params, ModelConfig.from_dict(meta["model_config"]), step
+  if not path:
+    raise ValueError(f"{flag} must be a folder path (got an empty string)")
+  out = os.path.abspath(path)
+  if differ_from is not None and out == os.path.abspath(differ_from):
+    raise ValueError(f"{flag}={path!r} must differ from --workdir (the source checkpoint's "
+                     "folder)")
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise ValueError(f"{flag}={path!r} exists and is not a folder")
+  probe = out
+  while not os.path.exists(probe):
+    probe = os.path.dirname(probe)
+  if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
+    raise ValueError(f"{flag}={path!r} is not writable ({probe!r} denies writes)")
+  return out

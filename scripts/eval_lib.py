@@ -11,20 +11,19 @@ import time
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
 from model import transformer
 from model.config import ModelConfig
+from model.tree import tree_nbytes
 from scripts import checkpoint_lib, data_lib
 
 
 def nll_sum(model_cfg: ModelConfig, params, batch) -> tuple[jax.Array, jax.Array]:
   """(sum of next-token NLL in nats, number of targets) over a packed batch."""
   tokens_BL = batch["tokens"]
-  logits_BLV, _ = transformer.apply(model_cfg, params, tokens_BL,
-                                    positions_BT=batch["positions"],
-                                    segment_ids_BT=batch["segment_ids"])
+  logits_BLV, _ = transformer.apply(model_cfg, params, tokens_BL, positions=batch["positions"],
+                                    segment_ids=batch["segment_ids"])
   mask_BT = data_lib.target_mask(batch["segment_ids"])
   nll_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BLV[:, :-1], tokens_BL[:, 1:])
   return jnp.sum(nll_BT * mask_BT), jnp.sum(mask_BT)
@@ -91,7 +90,7 @@ def evaluate_checkpoint(workdir: str, data, *, splits=("val", "test"), step: int
                      f"max_seq_len={model_cfg.max_seq_len}")
   meta = checkpoint_lib.load_meta(workdir, step)
   result = {"workdir": os.path.abspath(workdir), "step": step,
-            "param_bytes": param_bytes(params), "n_quantized": len(meta.get("qarrays", {})),
+            "param_bytes": tree_nbytes(params), "n_quantized": len(meta.get("qarrays", {})),
             "unigram_entropy_bits": data_lib.unigram_entropy_bits(data_lib.load_split(data,
                                                                                       "train"))}
   for s in splits:
@@ -111,8 +110,3 @@ def data_config_for(workdir: str):
     data.update({k: v for k, v in saved.items() if k in data})
   return data
 
-
-def param_bytes(params) -> int:
-  """Bytes held by a params tree (QArray leaves count codes + scales)."""
-  return int(sum(np.prod(x.shape) * jnp.dtype(x.dtype).itemsize
-                 for x in jax.tree.leaves(params)))

@@ -8,7 +8,6 @@ function plus one registry entry.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import sys
 from collections.abc import Callable
 
@@ -29,7 +28,7 @@ class Run:
   cfg: ModelConfig
   params: dict
   tokenizer: Tokenizer
-  step_fn: Callable
+  step_fn: model.Decoder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +69,7 @@ def load(path: str | None, *, preset: str | None = None, step: int | None = None
   if tok.vocab_size > cfg.vocab_size:
     raise ValueError(f"tokenizer {tokenizer!r} has {tok.vocab_size} ids, the model only "
                      f"{cfg.vocab_size}")
-  return Run(cfg, params, tok, model.logits_fn(cfg))
+  return Run(cfg, params, tok, model.Decoder(cfg))
 
 
 def encode(run: Run, texts: list[str], add_bos: bool = True) -> list[list[int]]:
@@ -125,7 +124,7 @@ def run_sample(run: Run, prompts: list[list[int]], opts: Options) -> list[dict]:
   streamer = _Streamer(run.tokenizer) if opts.stream else None
   out = decoding.generate(run.params, prompts, run.step_fn, sampler=sampler,
                           max_new_tokens=opts.max_new_tokens,
-                          cache=functools.partial(decoding.init_cache, run.cfg), key=keys,
+                          key=keys,
                           eos_id=_eos_ids(run.tokenizer),
                           stop_sequences=_stop_sequences(run.tokenizer, opts.stop),
                           pad_id=run.tokenizer.pad_id, stream_fn=streamer)
@@ -145,7 +144,6 @@ def run_beam(run: Run, prompts: list[list[int]], opts: Options) -> list[dict]:
   """Beam search; each prompt returns its `num_return` best hypotheses."""
   out = decoding.beam_search(run.params, prompts, run.step_fn, beam_width=opts.beam_width,
                              max_new_tokens=opts.max_new_tokens,
-                             cache=functools.partial(decoding.init_cache, run.cfg),
                              eos_id=_eos_ids(run.tokenizer), length_penalty=opts.length_penalty,
                              pad_id=run.tokenizer.pad_id)
   results = []

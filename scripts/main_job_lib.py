@@ -31,8 +31,7 @@ def _greedy_decode(cfg, params, config) -> dict:
   prompt = tok.encode(config.decode.prompt, add_bos=True)
   step_fn = _step_fn(cfg)
   run = lambda: decoding.generate(
-      params, [prompt], step_fn, max_new_tokens=config.decode.max_new_tokens,
-      cache=functools.partial(decoding.init_cache, cfg), eos_id=tok.eos_id)
+      params, [prompt], step_fn, max_new_tokens=config.decode.max_new_tokens, eos_id=tok.eos_id)
   run()  # compile
   outs = [run() for _ in range(3)]  # best of 3: the machine may be shared
   out = min(outs, key=lambda o: o.cost.wall_time_s)
@@ -41,9 +40,8 @@ def _greedy_decode(cfg, params, config) -> dict:
           "tokens_per_s": n / out.cost.wall_time_s, "cost": out.cost.to_dict()}
 
 
-@functools.cache
 def _step_fn(cfg):
-  return model.logits_fn(cfg)  # one object per config: a static jit key
+  return model.Decoder(cfg)
 
 
 def _sample(cfg, params, config) -> dict:
@@ -54,7 +52,7 @@ def _sample(cfg, params, config) -> dict:
   sampler = decoding.Sampler.create(n, temperature=d.temperature, top_p=d.top_p)
   run = lambda: decoding.generate(
       params, [prompt] * n, _step_fn(cfg), sampler=sampler, max_new_tokens=d.max_new_tokens,
-      cache=functools.partial(decoding.init_cache, cfg), eos_id=tok.eos_id,
+      eos_id=tok.eos_id,
       key=jax.random.key(d.seed))
   run()
   out = run()
@@ -87,8 +85,7 @@ def _speculative(cfg, params, config, workdir: str) -> dict:
   prompts = [stream.tokens[i: i + length].astype(int).tolist() for i in starts]
 
   def greedy(p):
-    return decoding.generate(params, [p], _step_fn(cfg), max_new_tokens=d.max_new_tokens,
-                             cache=functools.partial(decoding.init_cache, cfg))
+    return decoding.generate(params, [p], _step_fn(cfg), max_new_tokens=d.max_new_tokens)
 
   def spec(p):
     return speculative.speculative_decode(
@@ -179,7 +176,7 @@ def run(config, workdir: str) -> dict:
     ev = _eval(cfg, params, config)
     dec = _greedy_decode(cfg, params, config)
     nonzero = sum(int(np.count_nonzero(np.asarray(x))) for x in jax.tree.leaves(params))
-    rows[name] = {"bpb": ev["bpb"], "param_bytes": eval_lib.param_bytes(params),
+    rows[name] = {"bpb": ev["bpb"], "param_bytes": model.tree_nbytes(params),
                   "nonzeros": nonzero, "decode_tokens_per_s": dec["tokens_per_s"],
                   "continuation": dec["text"]}
   report["variants"] = rows

@@ -31,24 +31,12 @@ flags.mark_flags_as_required(["workdir", "prune", "out"])
 REPORT_NAME = "prune_report.json"
 
 
-def _check_out(out: str, workdir: str) -> None:
-  """Raises ValueError unless `out` is a new or writable folder distinct from `workdir`."""
-  out, workdir = os.path.abspath(out), os.path.abspath(workdir)
-  if out == workdir:
-    raise ValueError(f"out={out!r} must differ from workdir (the source checkpoint)")
-  parent = out
-  while not os.path.exists(parent):
-    parent = os.path.dirname(parent)
-  if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-    raise ValueError(f"out={out!r} is not writable ({parent!r} is not a writable folder)")
-
-
 def prune_checkpoint(workdir: str, recipe: str, out: str, *, step: int | None = None,
                      seed: int = 0, rules=()) -> dict:
   """Prunes a checkpoint of `workdir` into `out`; returns the report (also written as JSON)."""
   sparsity.parse_recipe(recipe)  # bad recipes fail before anything is loaded or written
   rules = [rules_lib.parse_rule(r) if isinstance(r, str) else tuple(r) for r in rules]
-  _check_out(out, workdir)
+  checkpoint_lib.check_writable_dir(out, "--out", differ_from=workdir)
   params, model_cfg, step = checkpoint_lib.load_params(workdir, step)
   pruned, report = sparsity.prune(params, recipe, key=jax.random.key(seed), rules=rules)
   report.update(source=os.path.abspath(workdir), step=step, seed=seed)

@@ -11,23 +11,6 @@ from scripts import checkpoint_lib
 REPORT_FILE = "quant_report.json"
 
 
-def check_out_dir(out: str, src: str) -> str:
-  """Raises ValueError unless `out` is a creatable / writable folder other than `src`."""
-  if not out:
-    raise ValueError("--out must be a folder path (got an empty string)")
-  path = os.path.abspath(out)
-  if path == os.path.abspath(src):
-    raise ValueError(f"--out={out!r} must differ from --workdir (the float checkpoint's folder)")
-  if os.path.exists(path) and not os.path.isdir(path):
-    raise ValueError(f"--out={out!r} exists and is not a folder")
-  probe = path
-  while not os.path.exists(probe):
-    probe = os.path.dirname(probe)
-  if not os.access(probe, os.W_OK | os.X_OK):
-    raise ValueError(f"--out={out!r} is not writable ({probe!r} denies writes)")
-  return path
-
-
 def quantize_checkpoint(workdir: str, out: str, spec, *, step: int | None = None) -> dict:
   """Quantizes the checkpoint in `workdir` (latest step by default) into a checkpoint in `out`.
 
@@ -38,7 +21,7 @@ def quantize_checkpoint(workdir: str, out: str, spec, *, step: int | None = None
   """
   if isinstance(spec, str):
     quant.parse_recipe(spec)  # bad recipes fail before anything is read or written
-  out = check_out_dir(out, workdir)
+  out = checkpoint_lib.check_writable_dir(out, "--out", differ_from=workdir)
   params, model_cfg, step = checkpoint_lib.load_params(workdir, step)
   qparams, report = quant.quantize(params, spec)
   recipe = report["recipe"]

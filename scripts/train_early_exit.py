@@ -53,8 +53,16 @@ def train_exit_head(target_workdir: str, workdir: str, *, exit_layer: int, steps
   head = early_exit.init_exit_head(cfg, params)
   tx = optax.adam(optax.warmup_cosine_decay_schedule(0.0, lr, min(20, steps), steps, lr * 0.1))
   opt_state = tx.init(head)
-  step_fn = early_exit.make_train_step(cfg, exit_layer, tx)
-  loss_fn = jax.jit(lambda h, b: early_exit.distill_loss(cfg, h, params, b, exit_layer)[1])
+  distill = lambda h, b: early_exit.distill_loss(cfg, early_exit.with_exit_head(params, h), b,
+                                                 exit_layer=exit_layer)
+
+  @jax.jit
+  def step_fn(head, opt_state, batch):
+    (_, m), grads = jax.value_and_grad(distill, has_aux=True)(head, batch)
+    updates, opt_state = tx.update(grads, opt_state, head)
+    return optax.apply_updates(head, updates), opt_state, m
+
+  loss_fn = jax.jit(lambda h, b: distill(h, b)[1])
 
   def evaluate(h):
     ms = [jax.device_get(loss_fn(h, b)) for b in val]
@@ -65,7 +73,7 @@ def train_exit_head(target_workdir: str, workdir: str, *, exit_layer: int, steps
       f"greedy agreement {before['agree']:.3f}")
   t0 = time.perf_counter()
   for step in range(1, steps + 1):
-    head, opt_state, m = step_fn(head, opt_state, params, next(it))
+    head, opt_state, m = step_fn(head, opt_state, next(it))
     if step % 25 == 0 or step == steps:
       log(f"step {step}: KL {float(m['kl']):.3f} agree {float(m['agree']):.3f} "
           f"({time.perf_counter() - t0:.0f}s)")

@@ -27,6 +27,7 @@ from absl import logging
 
 from model import sharding, transformer
 from model.config import ModelConfig, get_preset
+from model.tree import tree_size
 from scripts import checkpoint_lib, data_lib, eval_lib, metrics_lib
 
 WrapOptimizer = Callable[[optax.GradientTransformation], optax.GradientTransformation]
@@ -53,20 +54,6 @@ def model_config(model) -> ModelConfig:
     raise ValueError(f"config.model (preset={model.preset!r}): {e}") from None
 
 
-def check_workdir(workdir: str) -> None:
-  """Raises ValueError unless `workdir` exists as a writable folder or can be created."""
-  if not workdir:
-    raise ValueError("--workdir must be a folder path (got an empty string)")
-  path = os.path.abspath(workdir)
-  if os.path.exists(path) and not os.path.isdir(path):
-    raise ValueError(f"--workdir={workdir!r} exists and is not a folder")
-  probe = path
-  while not os.path.exists(probe):
-    probe = os.path.dirname(probe)
-  if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
-    raise ValueError(f"--workdir={workdir!r} is not writable ({probe!r} denies writes)")
-
-
 def validate_config(config, workdir: str) -> ModelConfig:
   """Checks every field a run uses (before any compute or write); returns the ModelConfig."""
   model_cfg = model_config(config.model)
@@ -91,7 +78,7 @@ def validate_config(config, workdir: str) -> ModelConfig:
   for name, value, ok, valid in checks:
     if not ok:
       raise ValueError(f"config.{name}={value}; valid: {valid}")
-  check_workdir(workdir)
+  checkpoint_lib.check_writable_dir(workdir, "--workdir")
   return model_cfg
 
 
@@ -153,7 +140,7 @@ def _program(model_cfg: ModelConfig, opt, steps: int, wrap_optimizer, mesh) -> _
   abs_opt = jax.eval_shape(tx.init, abs_params)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   state_sh = {"params": params_sh,
-              "opt_state": sharding.tree_shardings(abs_opt, mesh, report_unused=False),
+              "opt_state": sharding.tree_shardings(abs_opt, mesh),
               "step": replicated}
   batch_sh = sharding.batch_sharding(mesh)
   step = jax.jit(lambda s, b: train_step(s, b, model_cfg=model_cfg, tx=tx, schedule=schedule),
@@ -237,8 +224,8 @@ def train_and_evaluate(config, workdir: str, *, init_params=None,
   timed_steps, timed_s, t_flush = 0, 0.0, time.perf_counter()
 
   def save(step):
-    checkpoint_lib.save(mgr, step, state["params"], model_cfg, opt_state=state["opt_state"],
-                        data_state=it.state)
+    checkpoint_lib.save_train_state(mgr, step, state["params"], model_cfg,
+                                    opt_state=state["opt_state"], data_state=it.state)
 
   def validate(step):
     r = eval_lib.evaluate(model_cfg, state["params"], val_batches, put_batch=put)
@@ -284,7 +271,7 @@ def train_and_evaluate(config, workdir: str, *, init_params=None,
     writer.close()
     mgr.close()
   summary = {
-      "step": steps, "params": transformer.count_params(state["params"]),
+      "step": steps, "params": tree_size(state["params"]),
       "model_config": model_cfg.to_dict(), "train_loss": train_rec.get("loss"),
       "train_bpb": train_rec.get("bpb"), "val_loss": val_rec["loss"], "val_bpb": val_rec["bpb"],
       "val_ppl": val_rec["ppl"], "unigram_entropy_bits": entropy,

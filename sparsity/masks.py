@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool
 
-from quant.qarray import is_qarray
+from model.qarray import is_qarray
+from model.tree import flatten
 from sparsity import rules as rules_lib
 
 SCOPES = ("layerwise", "global")
@@ -72,7 +73,7 @@ def global_keep_masks(scores: Sequence[Array], sparsity: float) -> list[Array]:
 def plan(params, sparsity: float, rules: rules_lib.Rules = ()):
   """(paths, leaves, treedef, per-path target sparsity or None, per-path rule spec)."""
   sparsity = rules_lib.check_sparsity(sparsity)
-  paths, leaves, treedef = rules_lib.flatten(params, is_leaf=is_qarray)
+  paths, leaves, treedef = flatten(params)
   spec = rules_lib.resolve(paths, rules)
   target = rules_lib.targets(spec, sparsity)
   for path, leaf in zip(paths, leaves, strict=True):

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from quant.qarray import dequantize, is_qarray
-from sparsity import rules as rules_lib
+from model.qarray import dequantize, is_qarray
+from model.tree import flatten, leaf_nbytes, leaf_size
 
 _count_nonzero = jax.jit(jnp.count_nonzero)
 
@@ -17,10 +16,6 @@ def _rel_error(w: jax.Array, ref: jax.Array) -> jax.Array:
   ref = ref.astype(jnp.float32)
   err = jnp.linalg.norm(w.astype(jnp.float32) - ref)
   return err / jnp.maximum(jnp.linalg.norm(ref), 1e-30)
-
-
-def _nbytes(x) -> int:
-  return int(x.nbytes) if is_qarray(x) else int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
 
 
 def sparsity_report(params, masks=None, *, dense=None) -> dict:
@@ -37,12 +32,12 @@ def sparsity_report(params, masks=None, *, dense=None) -> dict:
   `nonzero_bytes` counts only the non-zero values, a lower bound for any sparse
   format.
   """
-  paths, leaves, treedef = rules_lib.flatten(params, is_leaf=is_qarray)
+  paths, leaves, treedef = flatten(params)
   mask_list = treedef.flatten_up_to(masks) if masks is not None else [None] * len(paths)
   mask_by_path = {p: m for p, m in zip(paths, mask_list, strict=True) if m is not None}
   dense_by_path = {}
   if dense is not None:
-    dpaths, dleaves, _ = rules_lib.flatten(dense, is_leaf=is_qarray)
+    dpaths, dleaves, _ = flatten(dense)
     dense_by_path = dict(zip(dpaths, dleaves, strict=True))
 
   layers = {}
@@ -50,9 +45,9 @@ def sparsity_report(params, masks=None, *, dense=None) -> dict:
              masked_nonzeros=0)
   for path, leaf in zip(paths, leaves, strict=True):
     values = dequantize(leaf) if is_qarray(leaf) else leaf
-    size = int(np.prod(leaf.shape))
+    size = leaf_size(leaf)
     nnz = int(_count_nonzero(values))
-    nbytes = _nbytes(leaf)
+    nbytes = leaf_nbytes(leaf)
     entry = dict(shape=list(leaf.shape), dtype=str(jnp.dtype(leaf.dtype)), params=size,
                  nonzeros=nnz, sparsity=1.0 - nnz / size if size else 0.0, bytes=nbytes,
                  nonzero_bytes=nnz * nbytes // size if size else 0,

@@ -5,21 +5,18 @@ A rule's spec says what happens to the leaves it matches first:
   PRUNE    prune it to the recipe's target sparsity;
   a float  prune it to this sparsity instead (a per-layer override).
 
-User rules are tried before `DEFAULT_RULES`; a user rule that is the first match
-of no leaf is an error (it is misspelled or shadowed). Leaves that no rule
-matches stay dense.
+User rules are tried before `DEFAULT_RULES` (`model.tree.match_rules`); a user
+rule that is the first match of no leaf is an error (it is misspelled or
+shadowed). Leaves that no rule matches stay dense.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 from typing import Any
 
-import jax
-
-from model.sharding import path_str
+from model.tree import Rules, match_rules
 
 PRUNE = "prune"
 
@@ -33,16 +30,6 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     (r"/kernel$", PRUNE),
 )
 
-Rules = Sequence[tuple[str, Any]]
-
-
-def flatten(tree, is_leaf=None) -> tuple[list[str], list[Any], Any]:
-  """(paths, leaves, treedef) of a params tree; paths in tree-flatten order."""
-  leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
-  paths = [path_str(p) for p, _ in leaves_with_path]
-  return paths, [x for _, x in leaves_with_path], treedef
-
-
 def check_sparsity(value, name: str = "sparsity") -> float:
   """Returns `value` as a float, or raises ValueError unless it lies in [0, 1)."""
   if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -52,54 +39,22 @@ def check_sparsity(value, name: str = "sparsity") -> float:
   return float(value)
 
 
-def _check_rules(rules: Rules) -> list[tuple[re.Pattern, Any]]:
-  compiled = []
-  for i, rule in enumerate(rules):
-    if not (isinstance(rule, (tuple, list)) and len(rule) == 2):
-      raise ValueError(f"rules[{i}]={rule!r} must be a (regex, spec) pair")
-    pattern, spec = rule
-    try:
-      rx = re.compile(pattern)
-    except (re.error, TypeError) as e:
-      raise ValueError(f"rules[{i}] regex {pattern!r} does not compile: {e}") from None
-    if isinstance(spec, str) and spec != PRUNE:
-      raise ValueError(f"rules[{i}] spec {spec!r} must be None, {PRUNE!r} or a sparsity "
-                       "in [0, 1)")
-    if spec is not None and spec != PRUNE:
-      check_sparsity(spec, f"rules[{i}] ({pattern!r}) sparsity")
-    compiled.append((rx, spec))
-  return compiled
+def _check_spec(spec):
+  if isinstance(spec, str) and spec != PRUNE:
+    raise ValueError(f"spec {spec!r} must be None, {PRUNE!r} or a sparsity in [0, 1)")
+  if spec is not None and spec != PRUNE:
+    check_sparsity(spec, "sparsity")
+  return spec
 
 
 def resolve(paths: Sequence[str], rules: Rules = (), *, defaults: Rules = DEFAULT_RULES
             ) -> dict[str, Any]:
   """Maps each path to the spec of its first matching rule (user rules, then defaults).
 
-  Raises ValueError if a user rule is the first match of no path.
+  Raises ValueError for a malformed rule or a user rule that wins no path.
   """
-  user = _check_rules(rules)
-  default = _check_rules(defaults)
-  used = [False] * len(user)
-  plan = {}
-  for path in paths:
-    spec = None
-    for i, (rx, s) in enumerate(user):
-      if rx.search(path):
-        used[i], spec = True, s
-        break
-    else:
-      for rx, s in default:
-        if rx.search(path):
-          spec = s
-          break
-    plan[path] = spec
-  for (rx, _), u in zip(user, used, strict=True):
-    if not u:
-      why = ("is shadowed by earlier rules" if any(rx.search(p) for p in paths)
-             else "matches no param path")
-      raise ValueError(f"pruning rule {rx.pattern!r} {why} (rules use re.search on paths "
-                       f"such as {list(paths)[:3]})")
-  return plan
+  specs = match_rules(paths, rules, defaults, kind="pruning", convert=_check_spec)
+  return dict(zip(paths, specs, strict=True))
 
 
 def parse_rule(text: str) -> tuple[str, Any]:

@@ -1,5 +1,6 @@
 """Shared tiny models for the decoding tests (module-level so jitted functions are reused)."""
 
+import dataclasses
 import functools
 
 import jax
@@ -11,12 +12,18 @@ import model
 
 CFG = model.get_preset("test")
 STEP_CALLS = [0]  # Python-side trace counter: bumps each time step_fn is traced
-_STEP = model.logits_fn(CFG)
 
 
-def counting_step_fn(params, tokens_BT, cache):
-  STEP_CALLS[0] += 1
-  return _STEP(params, tokens_BT, cache)
+@dataclasses.dataclass(frozen=True)
+class CountingDecoder(model.Decoder):
+  """model.Decoder that counts its traces."""
+
+  def __call__(self, params, tokens_BT, cache):
+    STEP_CALLS[0] += 1
+    return super().__call__(params, tokens_BT, cache)
+
+
+counting_step_fn = CountingDecoder(CFG)
 
 
 # Ragged batch used by most generate tests: 4 rows, lengths 1..9 (prefill bucket 16).

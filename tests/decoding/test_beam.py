@@ -14,7 +14,7 @@ from tests.decoding.conftest import random_params
 # Vocabulary 6 so all 6^3 continuations can be enumerated; scale 3 makes it peaky.
 CFG = model.ModelConfig(vocab_size=6, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1,
                         ffn_dim=32, max_seq_len=32)
-STEP = model.logits_fn(CFG)
+STEP = model.Decoder(CFG)
 PROMPTS = [[1, 2, 3], [4]]
 L = 3
 EOS = 5
@@ -26,7 +26,7 @@ def params():
 
 
 def _beam(params, width, max_new=L, **kw):
-  cache = decoding.init_cache(CFG, len(PROMPTS), 8)
+  cache = model.init_cache(CFG, len(PROMPTS), 8)
   return decoding.beam_search(params, PROMPTS, STEP, beam_width=width, max_new_tokens=max_new,
                               cache=cache, **kw)
 
@@ -74,7 +74,7 @@ def test_eos_and_length_penalty_against_brute_force(params):
 def test_width_one_equals_greedy(params):
   out = _beam(params, width=1, max_new=5, length_penalty=0.0)
   greedy = decoding.generate(params, PROMPTS, STEP, max_new_tokens=5,
-                             cache=decoding.init_cache(CFG, 2, 8))
+                             cache=model.init_cache(CFG, 2, 8))
   np.testing.assert_array_equal(out.tokens[:, 0], greedy.tokens)
   np.testing.assert_allclose(out.logprobs[:, 0], greedy.logprobs.sum(1), atol=1e-5)
   assert out.cost.forward_passes == 1 + 5

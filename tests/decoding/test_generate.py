@@ -31,7 +31,7 @@ def _generate(params, prompts=PROMPTS, **kw):
   """Most calls share one compilation: batch 4, prefill bucket 16, 16-token buffer, 24 slots."""
   kw.setdefault("max_new_tokens", N_NEW)
   if "cache" not in kw:
-    kw["cache"] = decoding.init_cache(CFG, len(prompts), 24)
+    kw["cache"] = model.init_cache(CFG, len(prompts), 24)
   return decoding.generate(params, prompts, counting_step_fn, **kw)
 
 
@@ -149,9 +149,9 @@ def test_full_cache_is_an_error_or_a_flag(params):
 def test_bad_input_fails_before_compute(params, kw, match):
   calls = STEP_CALLS[0]
   with pytest.raises(ValueError, match=match):
-    _generate(params, cache=decoding.init_cache(CFG, len(kw.get("prompts", PROMPTS)), 32), **kw)
+    _generate(params, cache=model.init_cache(CFG, len(kw.get("prompts", PROMPTS)), 32), **kw)
   with pytest.raises(ValueError, match="cache has batch 2, the prompt batch has 4"):
-    _generate(params, cache=decoding.init_cache(CFG, 2, 24))
+    _generate(params, cache=model.init_cache(CFG, 2, 24))
   assert STEP_CALLS[0] == calls
 
 
@@ -179,16 +179,15 @@ def test_quantized_params_run_unchanged(params):
 
 
 _SHARDED = textwrap.dedent("""
-    import functools, json, jax, numpy as np
+    import json, jax, numpy as np
     import decoding, model
     from tests.decoding.conftest import random_params
     cfg = model.get_preset("test")
     params = random_params(cfg)
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
     s = decoding.Sampler.create(4, temperature=1.0, top_p=0.9)
-    out = decoding.generate(params, {prompts}, model.logits_fn(cfg), sampler=s, max_new_tokens=8,
-                            cache=functools.partial(decoding.init_cache, cfg), mesh=mesh,
-                            key=jax.random.key(1))
+    out = decoding.generate(params, {prompts}, model.Decoder(cfg), sampler=s, max_new_tokens=8,
+                            mesh=mesh, key=jax.random.key(1))
     assert out.tokens.sharding.spec == jax.sharding.PartitionSpec("data")
     print(json.dumps(np.asarray(out.tokens).tolist()))
 """)

@@ -76,7 +76,7 @@ def test_self_speculative_greedy_equals_target(models):
   tp, _, ref = models
   head = early_exit.init_exit_head(CFG, tp)
   key = jax.random.key(3)
-  head["exit_proj"]["kernel"] = 0.3 * jax.random.normal(key, head["exit_proj"]["kernel"].shape)
+  head["proj"]["kernel"] = 0.3 * jax.random.normal(key, head["proj"]["kernel"].shape)
   out = early_exit.self_speculative_decode(
       CFG, early_exit.with_exit_head(tp, head), 1, PROMPTS, max_new_tokens=N_NEW, gamma=3)
   assert out.tokens.tolist() == ref
@@ -150,35 +150,48 @@ def test_sampling_distribution_equals_target():
 # --- Early-exit model hook and head training.
 
 
-def test_exit_layer_hook_equals_full_model(models):
+def test_exit_decoder_composes_outside_the_model(models):
+  """An exit draft at the last layer with the initial head is the full model; at layer 1 a
+  cached step writes layer 0 only and equals the uncached draft."""
   tp, _, _ = models
   tokens = jnp.asarray([PROMPTS[0]])
   full = model.apply(CFG, tp, tokens)[0]
   with_head = early_exit.with_exit_head(tp, early_exit.init_exit_head(CFG, tp))
-  np.testing.assert_allclose(model.apply(CFG, with_head, tokens, exit_layer=CFG.n_layers)[0],
-                             full, atol=1e-5)
-  np.testing.assert_array_equal(model.apply(CFG, tp, tokens, exit_layer=CFG.n_layers)[0], full)
-  # A cached exit-layer forward writes only layers < k and matches the uncached one.
-  cache = speculative.model_cache(CFG, 1, 16)
-  got, new = model.apply(CFG, with_head, tokens, exit_layer=1, cache=cache)
-  np.testing.assert_allclose(got, model.apply(CFG, with_head, tokens, exit_layer=1)[0],
-                             atol=1e-5)
+  last = early_exit.ExitDecoder(CFG, CFG.n_layers)
+  np.testing.assert_allclose(last(with_head, tokens, None)[0], full, atol=1e-5)
+  np.testing.assert_allclose(model.Decoder(CFG)(with_head, tokens, None)[0], full, atol=1e-6)
+  draft = early_exit.ExitDecoder(CFG, 1)
+  assert draft.n_layers == 1 and "layers_1" not in draft.read_params(with_head)
+  got, new = draft(with_head, tokens, draft.init_cache(1, 16))
+  np.testing.assert_allclose(got, draft(with_head, tokens, None)[0], atol=1e-5)
   assert float(jnp.abs(new.k[0]).sum()) > 0 and float(jnp.abs(new.k[1]).sum()) == 0
   assert new.lengths.tolist() == [len(PROMPTS[0])]
+  # Without a head: the final norm and LM head after layer k (== the initial head).
+  np.testing.assert_allclose(draft(tp, tokens, None)[0], draft(with_head, tokens, None)[0],
+                             atol=1e-5)
+  legacy = dict(tp, exit_proj=with_head["exit_head"]["proj"],
+                exit_norm=with_head["exit_head"]["norm"])
+  assert early_exit.from_legacy(legacy).keys() == with_head.keys()
 
 
 def test_exit_head_training_reduces_kl(models):
   tp, _, _ = models
   rng = np.random.RandomState(0)
   batch = {"tokens": jnp.asarray(rng.randint(0, 256, (4, 32)), jnp.int32)}
-  head = early_exit.init_exit_head(CFG, tp)
+  params = early_exit.with_exit_head(tp, early_exit.init_exit_head(CFG, tp))
   tx = optax.adam(1e-2)
-  step = early_exit.make_train_step(CFG, 1, tx)
-  opt_state = tx.init(head)
-  kl = []
-  for _ in range(15):  # metrics are those of the params before each update
-    head, opt_state, metrics = step(head, opt_state, tp, batch)
-    kl.append(float(metrics["kl"]))
+
+  @jax.jit
+  def step(head, opt_state):
+    loss = lambda h: early_exit.distill_loss(CFG, {**tp, "exit_head": h}, batch, exit_layer=1)
+    (kl, _), grads = jax.value_and_grad(loss, has_aux=True)(head)
+    updates, opt_state = tx.update(grads, opt_state, head)
+    return optax.apply_updates(head, updates), opt_state, kl
+
+  head, opt_state, kl = params["exit_head"], tx.init(params["exit_head"]), []
+  for _ in range(15):  # the KL of the head before each update
+    head, opt_state, k = step(head, opt_state)
+    kl.append(float(k))
   assert kl[-1] < 0.8 * kl[0], kl
   assert set(tp) == {"embed", "final_norm", "layers_0", "layers_1"}  # target untouched
 
@@ -198,11 +211,15 @@ def test_bad_input(models):
   with pytest.raises(ValueError, match="eos_id"):
     speculative.speculative_decode(CFG, tp, DRAFT_CFG, dp, PROMPTS, max_new_tokens=4,
                                    target_tokenizer=ByteTokenizer(), draft_tokenizer=OtherEos())
-  wide = lambda p, t, c: (jnp.zeros(t.shape + (CFG.vocab_size + 1,)), c)
+  wide = model.Decoder(DRAFT_CFG.replace(vocab_size=CFG.vocab_size + 1))
   with pytest.raises(ValueError, match="draft vocabulary"):
     speculative.speculative_generate(
-        tp, dp, PROMPTS, target_step_fn=speculative.model_step_fn(CFG), draft_step_fn=wide,
-        max_new_tokens=4, target_cache=speculative.model_cache(CFG, 3, 64))
+        tp, dp, PROMPTS, target_step_fn=model.Decoder(CFG), draft_step_fn=wide,
+        max_new_tokens=4, target_cache=model.init_cache(CFG, 3, 64))
+  with pytest.raises(ValueError, match="draft_step_fn must be a model.Decoder"):
+    speculative.speculative_generate(
+        tp, dp, PROMPTS, target_step_fn=model.Decoder(CFG), draft_step_fn=lambda p, t, c: t,
+        max_new_tokens=4)
   for kw, msg in (({"gamma": 0}, "gamma=0"), ({"gamma": 3, "gamma_max": 2}, "gamma_max=2"),
                   ({"schedule": "magic"}, "schedule='magic'"), ({"max_new_tokens": 0}, "max_")):
     args = {"max_new_tokens": 4, **kw}

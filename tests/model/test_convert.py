@@ -2,7 +2,6 @@
 
 import copy
 import dataclasses
-import functools
 import json
 import os
 
@@ -17,8 +16,8 @@ transformers = pytest.importorskip("transformers")
 import decoding  # noqa: E402
 import model  # noqa: E402
 import model.rope  # noqa: E402
-from decoding.kv_cache import init_cache  # noqa: E402
 from model import convert  # noqa: E402
+from model.kv_cache import init_cache  # noqa: E402
 
 pytestmark = pytest.mark.hf
 torch.set_num_threads(1)
@@ -81,8 +80,9 @@ def fam(request, tmp_path_factory):
   path = str(tmp_path_factory.mktemp(request.param))
   hf.save_pretrained(path, safe_serialization=True)
   cfg, params = convert.load_hf(path, param_dtype="float32")
-  forward = jax.jit(lambda p, t, pos, valid: model.apply(cfg, p, t, positions_BT=pos,
-                                                         kv_valid_BS=valid)[0])
+  # Padding is segment 0: real tokens (segment 1) never attend to it.
+  forward = jax.jit(lambda p, t, pos, valid: model.apply(cfg, p, t, positions=pos,
+                                                         segment_ids=valid.astype(int))[0])
   step = jax.jit(lambda p, t, c: model.apply(cfg, p, t, cache=c))
   return Family(request.param, hf, path, cfg, params, forward, step)
 
@@ -166,8 +166,8 @@ def test_greedy_tokens_match_transformers_generate(fam):
 def test_decoding_generate_matches_transformers(fam):
   lens = np.array([T_PROMPT, 6])
   toks = _tokens(fam.cfg.vocab_size, (B, T_PROMPT), seed=4)
-  out = decoding.generate(fam.params, [list(r[:n]) for r, n in zip(toks, lens)], fam.step,
-                          max_new_tokens=N_NEW, cache=functools.partial(init_cache, fam.cfg))
+  out = decoding.generate(fam.params, [list(r[:n]) for r, n in zip(toks, lens)],
+                          model.Decoder(fam.cfg), max_new_tokens=N_NEW)
   np.testing.assert_array_equal(np.asarray(out.tokens), _hf_greedy(fam, toks, lens))
 
 

@@ -9,30 +9,34 @@ from jax.sharding import PartitionSpec as P
 
 import model
 from model import sharding
-from quant.qarray import QArray
+from model.qarray import QArray
 
 MESH = AbstractMesh((2, 4, 1), sharding.MESH_AXES)
 
 
 def test_param_specs_follow_rules():
   shapes = model.param_shapes(model.get_preset("test"))
-  specs, unused = sharding.tree_specs(shapes, MESH)
+  specs = sharding.tree_specs(shapes, MESH)
   assert specs["embed"]["embedding"] == P(None, "fsdp")  # vocab 259 not divisible -> replicated
   assert specs["layers_0"]["attn"]["q"]["kernel"] == P("fsdp", None)
   assert specs["layers_1"]["attn"]["o"]["kernel"] == P(None, "fsdp")
   assert specs["layers_0"]["mlp"]["down"]["kernel"] == P(None, "fsdp")
   assert specs["layers_0"]["attn_norm"]["scale"] == P()
-  assert any("lm_head" in u for u in unused)  # tied embeddings: the rule is reported unused
+  # Defaults may win nothing (tied embeddings: no lm_head); a user rule must win a path.
+  user = sharding.tree_specs(shapes, MESH, [(r"mlp/up/kernel", P("mlp", "embed"))])
+  assert user["layers_0"]["mlp"]["up"]["kernel"] == P(None, "fsdp")
+  with pytest.raises(ValueError, match="sharding rule 'lm_head/' matches no param path"):
+    sharding.tree_specs(shapes, MESH, [(r"lm_head/", P())])
 
 
 def test_tensor_axis_and_divisibility():
   mesh = AbstractMesh((1, 2, 4), sharding.MESH_AXES)
   shapes = model.param_shapes(model.get_preset("test"))  # d_model 64, ffn 128, kv dim 32
-  specs, _ = sharding.tree_specs(shapes, mesh)
+  specs = sharding.tree_specs(shapes, mesh)
   assert specs["layers_0"]["mlp"]["gate"]["kernel"] == P("fsdp", "tensor")
   assert specs["layers_0"]["attn"]["k"]["kernel"] == P("fsdp", "tensor")
   odd = AbstractMesh((1, 3, 1), sharding.MESH_AXES)
-  specs, _ = sharding.tree_specs(shapes, odd)  # 3 divides nothing here
+  specs = sharding.tree_specs(shapes, odd)  # 3 divides nothing here
   assert all(s == P(None, None) or s == P() or s == P(None)
              for s in jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P)))
 
@@ -40,11 +44,11 @@ def test_tensor_axis_and_divisibility():
 def test_optimizer_state_and_qarray_leaves_share_the_rules():
   shapes = model.param_shapes(model.get_preset("test"))
   opt = jax.eval_shape(optax.adam(1e-3).init, shapes)
-  specs, _ = sharding.tree_specs(opt, MESH)
+  specs = sharding.tree_specs(opt, MESH)
   assert specs[0].mu["layers_0"]["attn"]["q"]["kernel"] == P("fsdp", None)
   assert specs[0].count == P()
   q = QArray(values=jnp.zeros((64, 64), jnp.int8), scale=jnp.ones((1, 64)), shape=(64, 64))
-  specs, _ = sharding.tree_specs({"layers_0": {"attn": {"q": {"kernel": q}}}}, MESH)
+  specs = sharding.tree_specs({"layers_0": {"attn": {"q": {"kernel": q}}}}, MESH)
   qs = specs["layers_0"]["attn"]["q"]["kernel"]
   assert qs.values == P("fsdp", None) and qs.scale == P(None, None)
 

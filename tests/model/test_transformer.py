@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import model
-from decoding import init_cache
+from model import init_cache
 
 CFG = model.get_preset("test")
 
@@ -50,20 +50,22 @@ def test_packed_segments_do_not_attend_across(params):
   packed = jnp.concatenate([a, b], axis=1)
   seg = jnp.array([[1] * 5 + [2] * 7])
   pos = jnp.array([list(range(5)) + list(range(7))])
-  got = model.apply(CFG, params, packed, positions_BT=pos, segment_ids_BT=seg)[0]
+  got = model.apply(CFG, params, packed, positions=pos, segment_ids=seg)[0]
   want_a = model.apply(CFG, params, a)[0]
   want_b = model.apply(CFG, params, b)[0]
   np.testing.assert_allclose(got[:, :5], want_a, atol=1e-5)
   np.testing.assert_allclose(got[:, 5:], want_b, atol=1e-5)
 
 
-@pytest.mark.parametrize("impl, b", [("xla", 2), ("reference", 2), ("xla", 1)])
-def test_cached_equals_uncached(params, impl, b):
+@pytest.mark.parametrize("impl, b, layout", [
+    ("xla", 2, "heads_major"), ("reference", 2, "heads_major"), ("xla", 1, "heads_major"),
+    ("xla", 2, "seq_major"), ("xla", 1, "seq_major")])
+def test_cached_equals_uncached(params, impl, b, layout):
   """Prefill 7, then chunks of 1, 3 and 1 tokens (b=1, 1 token: the read-before-write path)."""
   cfg = CFG.replace(attn_impl=impl)
   tokens = _tokens(b, 12)
   full = model.apply(cfg, params, tokens)[0]
-  cache = init_cache(cfg, b, 32)
+  cache = init_cache(cfg, b, 32, layout=layout)
   step = jax.jit(lambda p, t, c: model.apply(cfg, p, t, cache=c))
   outs = []
   for lo, hi in ((0, 7), (7, 8), (8, 11), (11, 12)):
@@ -72,7 +74,7 @@ def test_cached_equals_uncached(params, impl, b):
   np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=1e-5)
   assert cache.lengths.tolist() == [12] * b
   # The cache holds what a one-shot prefill writes (slots < 12).
-  ref = model.apply(cfg, params, tokens, cache=init_cache(cfg, b, 32))[1]
+  ref = model.apply(cfg, params, tokens, cache=init_cache(cfg, b, 32, layout=layout))[1]
   for got, want in zip(cache.k + cache.v, ref.k + ref.v, strict=True):
     np.testing.assert_allclose(got, want, atol=1e-5)
 
@@ -145,8 +147,9 @@ def test_lse_merge_is_exact():
 
 
 @pytest.mark.parametrize("b, t, impl", [(1, 1, "xla"), (3, 4, "xla"), (2, 3, "reference")])
-def test_cache_layout_attention_equals_reference(b, t, impl):
-  """k [B, K, Dh, S], v [B, K, S, Dh] (the KV cache's layouts) == the [B, S, K, Dh] reference."""
+@pytest.mark.parametrize("layout", model.kv_cache.LAYOUTS)
+def test_cache_attention_equals_reference(b, t, impl, layout):
+  """Attention over a cache layer in either layout == the [B, S, K, Dh] reference."""
   rng = np.random.RandomState(b * 10 + t)
   q = jnp.asarray(rng.randn(b, t, 4, 8), jnp.float32)
   k, v = (jnp.asarray(rng.randn(b, 12, 2, 8), jnp.float32) for _ in range(2))
@@ -154,13 +157,47 @@ def test_cache_layout_attention_equals_reference(b, t, impl):
                              kv_positions=jnp.broadcast_to(jnp.arange(12), (b, 12)),
                              kv_valid=jnp.asarray(rng.rand(b, 12) > 0.2).at[:, 0].set(True))
   want, want_lse = model.attention(q, k, v, mask=mask, impl="reference", return_lse=True)
-  k_cache, v_cache = jnp.transpose(k, (0, 2, 3, 1)), jnp.swapaxes(v, 1, 2)
-  got, lse = model.attention(q, k_cache, v_cache, mask=mask, impl=impl, return_lse=True,
-                             kv_heads_major=True)
+  cache = init_cache(CFG.replace(n_kv_heads=2, head_dim=8), b, 12, layout=layout)
+  cache = cache.with_layer(0, *model.kv_cache.write_layer(cache, 0, k, v))
+  assert (cache.batch, cache.max_len, cache.kv_heads, cache.head_dim) == (b, 12, 2, 8)
+  got, lse = model.cache_attention(q, cache, 0, mask=mask, impl=impl, return_lse=True)
   np.testing.assert_allclose(got, want, atol=1e-5)
   np.testing.assert_allclose(lse, want_lse, atol=1e-5)
-  plain = model.attention(q, k_cache, v_cache, mask=mask, impl=impl, kv_heads_major=True)
+  plain = model.cache_attention(q, cache, 0, mask=mask, impl=impl)
   np.testing.assert_allclose(plain, want, atol=1e-5)
+
+
+def test_cache_layout_is_picked_per_backend():
+  assert model.cache_layout("cpu") == "heads_major"
+  assert model.cache_layout("gpu") == model.cache_layout("tpu") == "seq_major"
+  assert model.Decoder(CFG).init_cache(2, 8).layout == model.cache_layout()
+
+
+def test_decoder_is_value_hashable_and_answers_dims():
+  d = model.Decoder(CFG)
+  assert d == model.Decoder(model.get_preset("test")) and hash(d) == hash(model.Decoder(CFG))
+  assert d != model.Decoder(CFG.replace(n_layers=3))
+  assert (d.n_heads, d.kv_heads, d.head_dim, d.n_layers, d.vocab_size) == (4, 2, 16, 2, 259)
+  cache = d.init_cache(3, 16)
+  assert (cache.batch, cache.max_len, cache.n_layers, cache.kv_heads, cache.head_dim) == (
+      3, 16, 2, 2, 16)
+  assert cache.nbytes == 2 * 2 * 3 * 16 * 2 * 16 * 4  # k and v, 2 layers, f32
+  with pytest.raises(ValueError, match="max_seq_len=256"):
+    d.init_cache(1, 257)
+
+
+def test_hidden_states_and_unembed_compose_to_apply(params):
+  tokens = _tokens(2, 6)
+  x, _ = model.hidden_states(CFG, params, tokens)
+  norm = model.layers.RMSNorm(CFG.norm_eps).apply({"params": params["final_norm"]}, x)
+  np.testing.assert_allclose(model.unembed(CFG, params, norm), model.apply(CFG, params, tokens)[0],
+                             atol=1e-5)
+  # A cached run of the first layer writes layer 0 only.
+  _, cache = model.hidden_states(CFG, params, tokens, n_layers=1, cache=init_cache(CFG, 2, 8))
+  assert float(jnp.abs(cache.k[0]).sum()) > 0 and float(jnp.abs(cache.k[1]).sum()) == 0
+  assert cache.lengths.tolist() == [6, 6]
+  with pytest.raises(ValueError, match="n_layers=3"):
+    model.hidden_states(CFG, params, tokens, n_layers=3)
 
 
 def test_llama_3_2_1b_param_count():

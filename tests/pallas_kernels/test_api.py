@@ -7,9 +7,9 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 import model
+from model.qarray import QArray
 from pallas_kernels import api
 from pallas_kernels import int8_matmul as k
-from quant.qarray import QArray
 
 
 @pytest.fixture(autouse=True)

@@ -5,6 +5,7 @@ import os
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 import model
@@ -65,4 +66,19 @@ def test_quantize_checkpoint_script_library(tmp_path, cfg, params):
   _assert_same_tree(loaded, quant.quantize(params, "int4:g32")[0])
   with open(result["report_path"]) as f:
     report = json.load(f)
-  assert report["recipe"] == "int4:g32" and report["bytes_after"] == quant.param_bytes(loaded)
+  assert report["recipe"] == "int4:g32" and report["bytes_after"] == model.tree_nbytes(loaded)
+
+
+def test_legacy_quant_save_folder_still_restores(tmp_path, params):
+  """Folders of the earlier quant.save (params/ + quant.json) load into the same QArrays."""
+  q, _ = quant.quantize(params, RULES)
+  folder = tmp_path / "legacy"
+  folder.mkdir()
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(str(folder / "params"), q)
+    ckptr.wait_until_finished()
+  (folder / "quant.json").write_text(json.dumps(dict(recipe=None,
+                                                     qarrays=quant.qarray_manifest(q))))
+  restored, info = quant.restore(str(folder))
+  _assert_same_tree(restored, q)
+  assert info["qarrays"] == quant.qarray_manifest(q)

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 
 import quant
-from quant.qarray import pack, unpack
+from model.qarray import pack, unpack
 
 W = (np.random.default_rng(0).standard_normal((64, 48)) * np.linspace(0.1, 3.0, 48)).astype(
     np.float32)

@@ -54,7 +54,7 @@ def test_report_is_json_and_counts_bytes_honestly(params):
   q, report = quant.quantize(params, "int4:g32")
   report = json.loads(json.dumps(report))
   float_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
-  assert report["bytes_before"] == float_bytes == quant.param_bytes(params)
+  assert report["bytes_before"] == float_bytes == model.tree_nbytes(params)
   kept = float_bytes - report["quantized_bytes_before"]
   qa = [x for x in jax.tree.leaves(q, is_leaf=quant.is_qarray) if quant.is_qarray(x)]
   # int4 g32: half a byte per weight + one f32 scale per 32 weights = 5/8 byte per weight.

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import model
-from quant.qarray import QArray
+from model.qarray import QArray
 from scripts import checkpoint_lib, data_lib, eval_lib
 from scripts.configs import train as train_config
 
@@ -88,7 +88,7 @@ def test_quantized_checkpoint_roundtrip_and_eval(params, tmp_path):
   f = eval_lib.evaluate(CFG, params, data, split="val", max_batches=2)
   assert a["bpb"] == b["bpb"] and 0 < a["targets"] == b["targets"] <= 2 * 2 * 31
   assert a["bpb"] != f["bpb"] and abs(a["bpb"] - f["bpb"]) < 0.05
-  assert eval_lib.param_bytes(loaded) < eval_lib.param_bytes(params)
+  assert model.tree_nbytes(loaded) < model.tree_nbytes(params)
 
 
 def test_evaluate_checkpoint_and_errors(params, tmp_path):

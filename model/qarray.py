@@ -50,6 +50,11 @@ class QArray:
     return len(self.shape)
 
   @property
+  def size(self) -> int:
+    """Logical number of weights (what the dequantized array holds)."""
+    return int(np.prod(self.shape))
+
+  @property
   def nbytes(self) -> int:
     """Bytes actually stored (codes + scales + zero points)."""
     n = _nbytes(self.values) + _nbytes(self.scale)
@@ -115,3 +120,4 @@ def _expand(s: Array, q: QArray) -> Array:
 
 def is_qarray(x) -> bool:
   return isinstance(x, QArray)
+

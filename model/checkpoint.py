@@ -1,0 +1,185 @@
+"""Params checkpoints: the one on-disk format for float, pruned and quantized trees.
+
+Layout of a workdir (an orbax CheckpointManager; saves are atomic: orbax writes a
+temporary folder and renames it, so an interrupted save never shadows the last one):
+  checkpoints/<step>/params     the tree (StandardSave; a QArray as {values, scale[, zero]})
+  checkpoints/<step>/meta       JSON: {"step", "qarrays": manifest, "model_config"?, ...}
+  checkpoints/<step>/opt_state  optimizer state  } train checkpoints only
+  checkpoints/<step>/data       iterator state   } (scripts.train_lib)
+  model_config.json             the ModelConfig of the latest save, when one is given
+`meta["qarrays"]` holds the static fields of every QArray leaf, so a quantized tree
+loads without knowing its structure in advance. `quant.save` / `quant.restore`
+and the scripts write and read exactly this.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+from model.config import ModelConfig
+from model.qarray import QArray, is_qarray
+from model.tree import flatten
+
+CKPT_SUBDIR = "checkpoints"
+ITEMS = ("params", "opt_state", "data", "meta")
+
+
+def qarray_manifest(params) -> dict[str, dict]:
+  """JSON-able static fields of every QArray leaf, keyed by param path."""
+  paths, leaves, _ = flatten(params)
+  return {p: dict(shape=list(q.shape), bits=q.bits, fmt=q.fmt, group_size=q.group_size,
+                  dtype=jnp.dtype(q.dtype).name)
+          for p, q in zip(paths, leaves, strict=True) if is_qarray(q)}
+
+
+def to_state_dict(params) -> tuple[dict, dict]:
+  """(the tree with every QArray as {values, scale[, zero]}, the QArray manifest)."""
+  def conv(q):
+    if not is_qarray(q):
+      return q
+    d = dict(values=q.values, scale=q.scale)
+    return d if q.zero is None else dict(d, zero=q.zero)
+  return jax.tree.map(conv, params, is_leaf=is_qarray), qarray_manifest(params)
+
+
+def from_state_dict(state: dict, manifest: dict):
+  """Inverse of `to_state_dict`: rebuilds QArray leaves at the paths the manifest names."""
+  def rebuild(node, prefix):
+    if prefix in manifest:
+      m = manifest[prefix]
+      if not isinstance(node, dict) or not {"values", "scale"} <= set(node):
+        raise ValueError(f"state at {prefix!r} is not a stored QArray (keys values/scale)")
+      return QArray(values=node["values"], scale=node["scale"], zero=node.get("zero"),
+                    shape=tuple(m["shape"]), bits=m["bits"], fmt=m["fmt"],
+                    group_size=m["group_size"], dtype=jnp.dtype(m["dtype"]))
+    if isinstance(node, dict):
+      return {k: rebuild(v, f"{prefix}/{k}" if prefix else str(k)) for k, v in node.items()}
+    return node
+  out = rebuild(state, "")
+  missing = set(manifest) - set(qarray_manifest(out))
+  if missing:
+    raise ValueError(f"QArray metadata names paths absent from the state: {sorted(missing)}")
+  return out
+
+
+def manager(workdir: str, keep: int | None = None, create: bool = True) -> ocp.CheckpointManager:
+  """A synchronous CheckpointManager over `workdir/checkpoints` keeping `keep` steps."""
+  handlers = {"params": ocp.StandardCheckpointHandler(),
+              "opt_state": ocp.StandardCheckpointHandler(),
+              "data": ocp.JsonCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
+                                         enable_async_checkpointing=False)
+  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, CKPT_SUBDIR)),
+                               options=options, item_handlers=handlers)
+
+
+def save(mgr: ocp.CheckpointManager, step: int, params, *, model_cfg: ModelConfig | None = None,
+         meta: dict | None = None, opt_state=None, data_state: dict | None = None) -> None:
+  """Saves one checkpoint: params + meta, and opt_state / data state when given."""
+  full_meta = {"step": int(step), "qarrays": qarray_manifest(params), **(meta or {})}
+  if model_cfg is not None:
+    full_meta["model_config"] = model_cfg.to_dict()
+  items = {"params": ocp.args.StandardSave(params), "meta": ocp.args.JsonSave(full_meta)}
+  if opt_state is not None:
+    items["opt_state"] = ocp.args.StandardSave(opt_state)
+  if data_state is not None:
+    items["data"] = ocp.args.JsonSave(data_state)
+  mgr.save(int(step), args=ocp.args.Composite(**items), force=True)
+  mgr.wait_until_finished()
+  if model_cfg is not None:
+    _write_json(os.path.join(os.path.dirname(mgr.directory), "model_config.json"),
+                model_cfg.to_dict())
+
+
+def _write_json(path: str, obj) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2)
+  os.replace(tmp, path)
+
+
+def save_params(workdir: str, params, *, model_cfg: ModelConfig | None = None, step: int = 0,
+                meta: dict | None = None, replace: bool = False) -> str:
+  """Saves a params-only checkpoint (a pruned, quantized or imported model); returns its folder.
+
+  replace: an existing checkpoint at `step` is deleted first (for outputs derived again
+  on a resumed run; a kill in between leaves no checkpoint at `step`, never a partial
+  one). Without it an existing step is an error.
+  """
+  mgr = manager(workdir)
+  if replace and step in mgr.all_steps():
+    mgr.delete(step)
+  save(mgr, step, params, model_cfg=model_cfg, meta=meta)
+  mgr.close()
+  return os.path.join(mgr.directory, str(step))
+
+
+def has_checkpoint(workdir: str) -> bool:
+  """Whether `workdir/checkpoints` holds a finished checkpoint (read-only check)."""
+  d = os.path.join(workdir, CKPT_SUBDIR)
+  return os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d))
+
+
+def _reader(workdir: str) -> ocp.CheckpointManager:
+  if not has_checkpoint(workdir):
+    raise ValueError(f"--workdir={workdir!r} holds no checkpoints (expected {CKPT_SUBDIR}/<step>)")
+  return manager(workdir, create=False)
+
+
+def _pick_step(mgr, workdir: str, step: int | None) -> int:
+  steps = mgr.all_steps()
+  if step is None:
+    return max(steps)
+  if step not in steps:
+    raise ValueError(f"--step={step} is not a checkpoint in {workdir!r}; valid: {sorted(steps)}")
+  return step
+
+
+def load_meta(workdir: str, step: int | None = None) -> dict:
+  """The meta JSON of a checkpoint (latest step by default)."""
+  mgr = _reader(workdir)
+  step = _pick_step(mgr, workdir, step)
+  meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+  mgr.close()
+  return meta
+
+
+def load_params(workdir: str, step: int | None = None, *, target=None,
+                sharding=None) -> tuple[dict, dict, int]:
+  """(params with QArray leaves rebuilt, meta, step) of a checkpoint (latest by default).
+
+  target: an abstract tree (e.g. `quant.abstract_quantize`, possibly with shardings)
+    restored into directly. sharding: `(path, shape) -> Sharding` placing each array
+    otherwise (default: the first device).
+  """
+  mgr = _reader(workdir)
+  step = _pick_step(mgr, workdir, step)
+  meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+  if target is None:
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    paths, stored, treedef = flatten(mgr.item_metadata(step)["params"].tree, is_leaf=None)
+    target = jax.tree_util.tree_unflatten(treedef, [
+        jax.ShapeDtypeStruct(m.shape, m.dtype,
+                             sharding=sharding(p, tuple(m.shape)) if sharding else dev)
+        for p, m in zip(paths, stored, strict=True)])
+    params = mgr.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(target))).params
+    params = from_state_dict(params, meta.get("qarrays", {}))
+  else:
+    params = mgr.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(target))).params
+  mgr.close()
+  return params, meta, step
+
+
+def model_config(meta: dict, workdir: str = "") -> ModelConfig:
+  """The ModelConfig a checkpoint's meta records."""
+  if "model_config" not in meta:
+    raise ValueError(f"the checkpoint in {workdir!r} records no model_config (written by "
+                     "quant.save without model_cfg?); pass the ModelConfig yourself")
+  return ModelConfig.from_dict(meta["model_config"])

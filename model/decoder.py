@@ -1,0 +1,63 @@
+"""`Decoder(cfg)`: the model's decoding face, the `step_fn` every decoding loop takes.
+
+A frozen, value-hashable dataclass: two equal configs give equal Decoders, so they
+share one compilation wherever the step_fn is a static jit argument. Decoding asks
+it for caches and for the dimensions its cost records need, never the params or
+the cache's arrays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jaxtyping import Array, Int
+
+from model import transformer
+from model.attention import cache_layout
+from model.config import ModelConfig
+from model.kv_cache import KVCache, init_cache
+
+
+@dataclasses.dataclass(frozen=True)
+class Decoder:
+  """`step_fn(params, tokens[B, T], cache) -> (logits[B, T, V] f32, cache)` for `cfg`."""
+
+  cfg: ModelConfig
+
+  def __call__(self, params, tokens_BT: Int[Array, "B T"], cache):
+    return transformer.apply(self.cfg, params, tokens_BT, cache=cache)
+
+  def init_cache(self, batch: int, max_len: int, *, dtype=None,
+                 layout: str | None = None) -> KVCache:
+    """An empty cache (zeros, lengths 0) in the layout attention reads fastest here."""
+    return init_cache(self.cfg, batch, max_len, dtype=dtype,
+                      layout=layout or cache_layout())
+
+  def read_params(self, params):
+    """The part of `params` one step reads (cost accounting); all of it here."""
+    return params
+
+  @property
+  def n_heads(self) -> int:
+    return self.cfg.n_heads
+
+  @property
+  def kv_heads(self) -> int:
+    return self.cfg.n_kv_heads
+
+  @property
+  def head_dim(self) -> int:
+    return self.cfg.dh
+
+  @property
+  def n_layers(self) -> int:
+    """Layers one step runs (attention cost)."""
+    return self.cfg.n_layers
+
+  @property
+  def vocab_size(self) -> int:
+    return self.cfg.vocab_size
+
+  @property
+  def max_seq_len(self) -> int:
+    return self.cfg.max_seq_len
