@@ -20,9 +20,10 @@ manager = ckpt.manager
 
 
 def save_train_state(mgr: ocp.CheckpointManager, step: int, params, model_cfg: ModelConfig, *,
-                     opt_state, data_state: dict) -> None:
+                     opt_state, data_state: dict, meta: dict | None = None) -> None:
   """One train checkpoint: params, optimizer state, data-iterator state and meta."""
-  ckpt.save(mgr, step, params, model_cfg=model_cfg, opt_state=opt_state, data_state=data_state)
+  ckpt.save(mgr, step, params, model_cfg=model_cfg, meta=meta, opt_state=opt_state,
+            data_state=data_state)
 
 
 def restore_train_state(mgr: ocp.CheckpointManager, step: int, abstract_params,

@@ -8,10 +8,10 @@ Supported architectures: Llama (2 / 3 / 3.1 / 3.2, TinyLlama, SmolLM), Mistral,
 Qwen2 / 2.5, Qwen3. Pickle weights are refused, never loaded.
 """
 
-from absl import app, flags, logging
+from absl import flags
 
 from model import convert
-from scripts import convert_lib
+from scripts import cli_lib, convert_lib
 
 _TO = flags.DEFINE_enum("to", None, ["sparq", "hf"], "Conversion direction.")
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "Hugging Face model folder (read or written).")
@@ -28,27 +28,11 @@ _SHARD_GB = flags.DEFINE_float("max_shard_gb", 5.0, "--to=hf: largest safetensor
 flags.mark_flags_as_required(["to", "hf_dir", "workdir"])
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:  # orbax logs every file at INFO
-    logging.set_verbosity(logging.WARNING)
-  if _SHARD_GB.value <= 0:
-    raise SystemExit(f"error: --max_shard_gb={_SHARD_GB.value} must be > 0")
-  try:
-    if _TO.value == "sparq":
-      cfg, folder = convert_lib.hf_to_checkpoint(_HF_DIR.value, _WORKDIR.value,
-                                                 param_dtype=_DTYPE.value)
-      print(f"imported {_HF_DIR.value} ({cfg.n_layers} layers, d_model {cfg.d_model}, "
-            f"{cfg.param_dtype}) -> {folder}")
-    else:
-      arch = convert_lib.checkpoint_to_hf(
-          _WORKDIR.value, _HF_DIR.value, step=_STEP.value, dtype=_DTYPE.value,
-          architecture=_ARCH.value, max_shard_bytes=int(_SHARD_GB.value * 2**30))
-      print(f"exported {_WORKDIR.value} -> {_HF_DIR.value} as {arch}")
-  except (ValueError, FileNotFoundError) as e:
-    raise SystemExit(f"error: {e}") from None
+def main():
+  print(convert_lib.run_conversion(_TO.value, _HF_DIR.value, _WORKDIR.value,
+                                   dtype=_DTYPE.value, architecture=_ARCH.value,
+                                   step=_STEP.value, max_shard_gb=_SHARD_GB.value))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli_lib.run(main, errors=(OSError,))

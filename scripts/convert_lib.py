@@ -80,3 +80,20 @@ def tokenizer_path(path: str) -> str | None:
     if os.path.isfile(os.path.join(folder, "tokenizer.json")):
       return os.path.join(folder, "tokenizer.json")
   return None
+
+
+def run_conversion(to: str, hf_dir: str, workdir: str, *, dtype: str | None = None,
+            architecture: str | None = None, step: int | None = None,
+            max_shard_gb: float = 5.0) -> str:
+  """`to="sparq"`: import `hf_dir` into `workdir`; `to="hf"`: export; returns a summary line."""
+  if max_shard_gb <= 0:
+    raise ValueError(f"--max_shard_gb={max_shard_gb} must be > 0")
+  if to == "sparq":
+    cfg, folder = hf_to_checkpoint(hf_dir, workdir, param_dtype=dtype)
+    return (f"imported {hf_dir} ({cfg.n_layers} layers, d_model {cfg.d_model}, "
+            f"{cfg.param_dtype}) -> {folder}")
+  if to != "hf":
+    raise ValueError(f"--to={to!r}; valid: 'sparq', 'hf'")
+  arch = checkpoint_to_hf(workdir, hf_dir, step=step, dtype=dtype, architecture=architecture,
+                          max_shard_bytes=int(max_shard_gb * 2**30))
+  return f"exported {workdir} -> {hf_dir} as {arch}"

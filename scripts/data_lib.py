@@ -33,6 +33,7 @@ import os
 import sysconfig
 from collections.abc import Iterator
 
+import ml_collections
 import numpy as np
 
 from model.tokenizer import ByteTokenizer
@@ -45,6 +46,20 @@ CHUNK = 4096
 STDLIB_CHUNKED = frozenset({"pydoc_data/topics.py"})
 BOS = ByteTokenizer.bos_id
 PAD = ByteTokenizer.pad_id
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The `data` section of a run: the stdlib corpus, file-level splits, rows of 256 bytes."""
+  c = ml_collections.ConfigDict()
+  c.corpus = "stdlib"  # "stdlib" | "files"
+  c.path = ""  # a text file or folder when corpus="files"
+  c.extensions = ".py,.txt,.md,.rst"  # files read from a folder
+  c.val_fraction = 0.05
+  c.test_fraction = 0.05
+  c.seq_len = 256
+  c.batch_size = 32
+  c.seed = 0  # row shuffling
+  return c
 
 
 @dataclasses.dataclass(frozen=True)

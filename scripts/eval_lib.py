@@ -77,12 +77,20 @@ def evaluate(model_cfg: ModelConfig, params, batches, *, split: str = "val",
   return out
 
 
-def evaluate_checkpoint(workdir: str, data, *, splits=("val", "test"), step: int | None = None,
-                        max_batches: int | None = None) -> dict:
-  """Loads a checkpoint of `workdir` and evaluates it on `splits` (a JSON-able dict)."""
+def evaluate_checkpoint(workdir: str, data=None, *, splits=("val", "test"),
+                        step: int | None = None, max_batches: int | None = None,
+                        output: str | None = None) -> dict:
+  """Evaluates a checkpoint of `workdir` on `splits`; writes and returns a JSON-able dict.
+
+  data: a `data` config section (default: the one `workdir` was trained with).
+  output: the JSON path (default `workdir/eval_step<N>.json`).
+  """
   for s in splits:
     if s not in data_lib.SPLITS:
       raise ValueError(f"split={s!r}; valid: {data_lib.SPLITS}")
+  if max_batches is not None and max_batches < 1:
+    raise ValueError(f"--max_batches={max_batches} must be >= 1")
+  data = data_config_for(workdir) if data is None else data
   data_lib.validate(data)
   params, model_cfg, step = checkpoint_lib.load_params(workdir, step)
   if data.seq_len > model_cfg.max_seq_len:
@@ -95,14 +103,15 @@ def evaluate_checkpoint(workdir: str, data, *, splits=("val", "test"), step: int
                                                                                       "train"))}
   for s in splits:
     result[s] = evaluate(model_cfg, params, data, split=s, max_batches=max_batches)
+  result["output"] = output or os.path.join(workdir, f"eval_step{step}.json")
+  with open(result["output"], "w") as f:
+    json.dump(result, f, indent=2)
   return result
 
 
 def data_config_for(workdir: str):
   """The `data` section a workdir was trained with (defaults where it has no config.json)."""
-  from scripts.configs import train as train_config  # configs import model; keep it lazy
-
-  data = train_config.get_config().data
+  data = data_lib.default_config()
   path = os.path.join(workdir, "config.json")
   if os.path.exists(path):
     with open(path) as f:

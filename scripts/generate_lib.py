@@ -1,93 +1,29 @@
 """Text generation from a checkpoint or a Hugging Face dir (the library behind generate.py).
 
-Methods live in `METHODS`: name -> fn(run: Run, prompts: list[list[int]], opts) -> list[dict]:
+Methods live in `METHODS`: name -> fn(run, prompts: list[list[int]], opts) -> list[dict]:
 sample, beam, and speculative (`scripts.speculative_lib`). Adding a decoding method is one
-function plus one registry entry.
+function plus one registry entry; the shared pieces (loading, options, request arguments)
+are in `scripts.decode_lib`.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import json
 import sys
 from collections.abc import Callable
 
-import jax
 import numpy as np
 
 import decoding
-import model
-from model.config import ModelConfig
-from model.tokenizer import Tokenizer, get_tokenizer
-from scripts import speculative_lib
+from model.tokenizer import Tokenizer
+from scripts import decode_lib, speculative_lib
+from scripts.decode_lib import Options, Run
 
-
-@dataclasses.dataclass
-class Run:
-  """A loaded model: config, params, tokenizer and its step_fn."""
-
-  cfg: ModelConfig
-  params: dict
-  tokenizer: Tokenizer
-  step_fn: model.Decoder
-
-
-@dataclasses.dataclass(frozen=True)
-class Options:
-  """Decoding options shared by the methods (flags of scripts/generate.py)."""
-
-  max_new_tokens: int = 64
-  temperature: float = 0.0
-  top_k: int = 0
-  top_p: float = 1.0
-  min_p: float = 0.0
-  repetition_penalty: float = 1.0
-  seed: int = 0
-  stop: tuple[str, ...] = ()
-  beam_width: int = 4
-  length_penalty: float = 1.0
-  num_return: int = 1
-  stream: bool = False
-  extra: dict = dataclasses.field(default_factory=dict)  # method-specific settings
-
-
-def load(path: str | None, *, preset: str | None = None, step: int | None = None,
-         tokenizer: str = "auto", seed: int = 0) -> Run:
-  """A sparq checkpoint dir or HF dir at `path`, or random weights for `preset`."""
-  if (path is None) == (preset is None):
-    raise ValueError("pass exactly one of --model=PATH (checkpoint or HF dir) or --preset=NAME")
-  if path is not None:
-    from scripts import convert_lib  # orbax / safetensors only when loading from disk
-
-    cfg, params = convert_lib.load_model(path, step=step)
-    if tokenizer == "auto":
-      tokenizer = convert_lib.tokenizer_path(path) or "byte"
-  else:
-    cfg = model.get_preset(preset)
-    params = model.init(cfg, jax.random.key(seed))
-    tokenizer = "byte" if tokenizer == "auto" else tokenizer
-  tok = get_tokenizer(tokenizer)
-  if tok.vocab_size > cfg.vocab_size:
-    raise ValueError(f"tokenizer {tokenizer!r} has {tok.vocab_size} ids, the model only "
-                     f"{cfg.vocab_size}")
-  return Run(cfg, params, tok, model.Decoder(cfg))
-
-
-def encode(run: Run, texts: list[str], add_bos: bool = True) -> list[list[int]]:
-  bos = add_bos and run.tokenizer.bos_id is not None
-  ids = [run.tokenizer.encode(t, add_bos=bos) for t in texts]
-  empty = [i for i, x in enumerate(ids) if not x]
-  if empty:
-    raise ValueError(f"--prompt number(s) {empty} encode to no tokens; give some text")
-  return ids
-
-
-def _eos_ids(tok: Tokenizer) -> list[int] | None:
-  ids = getattr(tok, "stop_ids", None) or ([tok.eos_id] if tok.eos_id is not None else [])
-  return list(ids) or None
-
-
-def _stop_sequences(tok: Tokenizer, stop: tuple[str, ...]) -> list[list[int]]:
-  return [tok.encode(s) for s in stop]
+# Options fields set by flags of the same name (scripts/generate.py); `extra` holds the
+# speculative settings, and `stream` is decided by the main.
+OPTION_FLAGS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p",
+                "repetition_penalty", "seed", "stop", "beam_width", "length_penalty",
+                "num_return")
 
 
 class _Streamer:
@@ -108,44 +44,22 @@ class _Streamer:
       self.printed = text
 
 
-def sampler_and_keys(opts: Options, b: int) -> tuple[decoding.Sampler, jax.Array]:
-  """The `b`-row sampler of `opts` and row keys fold_in(seed, row)."""
-  sampler = decoding.Sampler.create(b, temperature=opts.temperature, top_k=opts.top_k,
-                                    top_p=opts.top_p, min_p=opts.min_p,
-                                    repetition_penalty=opts.repetition_penalty)
-  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(opts.seed), i))(np.arange(b))
-  return sampler, keys
-
-
 def run_sample(run: Run, prompts: list[list[int]], opts: Options) -> list[dict]:
   """Sampling (temperature 0 = greedy) with the per-row sampler settings of `opts`."""
-  b = len(prompts)
-  sampler, keys = sampler_and_keys(opts, b)
   streamer = _Streamer(run.tokenizer) if opts.stream else None
-  out = decoding.generate(run.params, prompts, run.step_fn, sampler=sampler,
-                          max_new_tokens=opts.max_new_tokens,
-                          key=keys,
-                          eos_id=_eos_ids(run.tokenizer),
-                          stop_sequences=_stop_sequences(run.tokenizer, opts.stop),
-                          pad_id=run.tokenizer.pad_id, stream_fn=streamer)
+  out = decoding.generate(run.params, prompts, run.step_fn, stream_fn=streamer,
+                          **decode_lib.request_kwargs(run, opts, len(prompts)))
   if streamer is not None:
     print(flush=True)
-  results = []
-  for i in range(b):
-    n = int(out.lengths[i])
-    ids = np.asarray(out.tokens[i, :n]).tolist()
-    results.append(dict(text=run.tokenizer.decode(ids), tokens=ids,
-                        finish_reason=decoding.Finish(int(out.finish_reason[i])).name.lower(),
-                        logprob=float(np.asarray(out.logprobs[i, :n]).sum())))
-  return _with_cost(results, out.cost)
+  return decode_lib.rows(run, out)
 
 
 def run_beam(run: Run, prompts: list[list[int]], opts: Options) -> list[dict]:
   """Beam search; each prompt returns its `num_return` best hypotheses."""
   out = decoding.beam_search(run.params, prompts, run.step_fn, beam_width=opts.beam_width,
                              max_new_tokens=opts.max_new_tokens,
-                             eos_id=_eos_ids(run.tokenizer), length_penalty=opts.length_penalty,
-                             pad_id=run.tokenizer.pad_id)
+                             eos_id=decode_lib.eos_ids(run.tokenizer),
+                             length_penalty=opts.length_penalty, pad_id=run.tokenizer.pad_id)
   results = []
   for i in range(len(prompts)):
     hyps = []
@@ -154,13 +68,7 @@ def run_beam(run: Run, prompts: list[list[int]], opts: Options) -> list[dict]:
       ids = np.asarray(out.tokens[i, j, :n]).tolist()
       hyps.append(dict(text=run.tokenizer.decode(ids), tokens=ids,
                        score=float(out.scores[i, j]), logprob=float(out.logprobs[i, j])))
-    results.append(dict(text=hyps[0]["text"], hypotheses=hyps))
-  return _with_cost(results, out.cost)
-
-
-def _with_cost(results: list[dict], cost: decoding.Cost) -> list[dict]:
-  for r in results:
-    r["cost"] = cost.to_dict()  # the batch's cost, shared by its rows
+    results.append(dict(text=hyps[0]["text"], hypotheses=hyps, cost=out.cost.to_dict()))
   return results
 
 
@@ -169,6 +77,17 @@ METHODS: dict[str, Callable[[Run, list[list[int]], Options], list[dict]]] = {
     "beam": run_beam,
     "speculative": speculative_lib.run_speculative,
 }
+
+
+def options(method: str, values: dict, texts: list[str]) -> Options:
+  """The Options of flag `values` (names in OPTION_FLAGS and speculative_lib.SETTINGS)."""
+  extra = {}
+  if method == "speculative":
+    extra = {k: values[k] for k in speculative_lib.SETTINGS if values.get(k) is not None}
+  stream = bool(values.get("stream")) and len(texts) == 1 and method == "sample"
+  kw = {k: values[k] for k in OPTION_FLAGS if k in values}
+  kw["stop"] = tuple(kw.get("stop", ()))
+  return Options(**kw, stream=stream, extra=extra)
 
 
 def validate(method: str, opts: Options, texts: list[str]) -> None:
@@ -193,4 +112,41 @@ def validate(method: str, opts: Options, texts: list[str]) -> None:
 def generate_text(run: Run, texts: list[str], method: str, opts: Options) -> list[dict]:
   """Encodes `texts`, runs `method`, returns one result dict per prompt."""
   validate(method, opts, texts)
-  return METHODS[method](run, encode(run, texts), opts)
+  return METHODS[method](run, decode_lib.encode(run, texts), opts)
+
+
+def format_results(texts: list[str], results: list[dict], streamed: bool) -> str:
+  """The continuations (unless streamed), speculative statistics and the cost line."""
+  lines = []
+  if not streamed:
+    for text, r in zip(texts, results, strict=True):
+      for j, h in enumerate(r.get("hypotheses", [r])):
+        tag = f" [{j}] score={h['score']:.3f}" if "score" in h else ""
+        lines.append(f"--- prompt: {text!r}{tag}\n{text}{h['text']}")
+  if "stats" in results[0]:
+    st = results[0]["stats"]
+    lines.append(f"--- speculative: alpha {st['alpha']:.3f}, {st['tokens_per_call']:.2f} tokens "
+                 f"per target call, mean gamma {st['mean_gamma']:.2f}")
+  cost = results[0]["cost"]
+  lines.append(f"--- {cost['tokens']} tokens in {cost['wall_time_s']:.2f}s "
+               f"({cost['tokens'] / max(cost['wall_time_s'], 1e-9):.1f} tok/s incl. compile), "
+               f"{cost['forward_passes']} forward passes")
+  return "\n".join(lines)
+
+
+def generate_from_flags(values: dict) -> str:
+  """scripts/generate.py: validate the flags, load the model, generate, write --output."""
+  texts, method = list(values["prompt"]), values["method"]
+  opts = options(method, values, texts)
+  validate(method, opts, texts)
+  run = decode_lib.load(values["model"], preset=values["preset"], step=values["step"],
+                        tokenizer=values["tokenizer"], seed=values["seed"])
+  if opts.stream:
+    print(texts[0], end="", flush=True)
+  results = generate_text(run, texts, method, opts)
+  text = format_results(texts, results, opts.stream)
+  if values.get("output"):
+    with open(values["output"], "w") as f:
+      json.dump(results, f, indent=2)
+    text += f"\nwrote {values['output']}"
+  return text

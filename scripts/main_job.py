@@ -4,27 +4,20 @@ Trains, prunes, quantizes, evaluates and decodes on the embedded defaults; see
 scripts/configs/main_job.py. Re-running resumes training from --workdir.
 """
 
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
 
-from scripts import main_job_lib, train_lib
+from scripts import cli_lib, main_job_lib, train_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "scripts/configs/main_job.py", "Main-job config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "runs/main", "Output folder.")
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
-  try:
-    report = main_job_lib.run(_CONFIG.value, _WORKDIR.value)
-  except (ValueError, train_lib.NonFiniteLossError) as e:
-    raise SystemExit(f"error: {e}") from None
+def main():
+  report = main_job_lib.run(_CONFIG.value, _WORKDIR.value)
   print(main_job_lib.format_report(report, _CONFIG.value))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli_lib.run(main, errors=(train_lib.NonFiniteLossError,))

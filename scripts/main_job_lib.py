@@ -21,7 +21,7 @@ from scripts import checkpoint_lib, data_lib, eval_lib, train_lib
 
 def _eval(cfg, params, config) -> dict:
   e = config.eval
-  return eval_lib.evaluate(cfg, params, config.train.data, split=e.split,
+  return eval_lib.evaluate(cfg, params, config.data, split=e.split,
                            max_batches=e.max_batches or None)
 
 
@@ -70,16 +70,12 @@ def _speculative(cfg, params, config, workdir: str) -> dict:
   the best of 3 timings is kept. Greedy speculative output must equal greedy.
   """
   sp = config.speculative
-  dcfg_train = copy.deepcopy(config.train)
-  with dcfg_train.unlocked():
-    for k, v in sp.draft_model.items():
-      dcfg_train.model[k] = v
-    dcfg_train.train.steps = sp.draft_steps
-    dcfg_train.train.eval_every = 0
-    dcfg_train.ckpt.every = sp.draft_steps
-  draft = train_lib.train_and_evaluate(dcfg_train, os.path.join(workdir, "draft"))
+  draft_config = _derived(config, model=sp.draft_model.to_dict(),
+                          train=dict(steps=sp.draft_steps, eval_every=0),
+                          ckpt=dict(every=sp.draft_steps))
+  draft = train_lib.train_and_evaluate(draft_config, os.path.join(workdir, "draft"))
   d = config.decode
-  stream = data_lib.load_split(config.train.data, "test")
+  stream = data_lib.load_split(config.data, "test")
   length = len(model.ByteTokenizer().encode(d.prompt, add_bos=True))
   starts = np.linspace(0, len(stream) - length - 1, sp.num_prompts).astype(int)
   prompts = [stream.tokens[i: i + length].astype(int).tolist() for i in starts]
@@ -120,9 +116,18 @@ def _speculative(cfg, params, config, workdir: str) -> dict:
           "equals_greedy": bool(same)}
 
 
+def _derived(config, **sections):
+  """A copy of `config` with fields of some sections replaced (a stage's own training run)."""
+  out = copy.deepcopy(config)
+  with out.unlocked():
+    for name, fields in sections.items():
+      out[name].update(fields)
+  return out
+
+
 def run(config, workdir: str) -> dict:
   """Runs every stage (training resumes from `workdir/float`); returns the report dict."""
-  train_lib.validate_config(config.train, os.path.join(workdir, "float"))
+  train_lib.validate_config(config, os.path.join(workdir, "float"))
   sparsity.parse_recipe(config.prune.recipe)
   quant.parse_recipe(config.quant.recipe)
   t0 = time.perf_counter()
@@ -130,7 +135,7 @@ def run(config, workdir: str) -> dict:
 
   n_stages = 6 if config.speculative.draft_steps else 5
   print(f"== 1/{n_stages} train (float)", flush=True)
-  res = train_lib.train_and_evaluate(config.train, os.path.join(workdir, "float"))
+  res = train_lib.train_and_evaluate(config, os.path.join(workdir, "float"))
   cfg, float_params = res.model_cfg, res.params
   report["train"] = res.summary
 
@@ -139,18 +144,12 @@ def run(config, workdir: str) -> dict:
   pruned_dir = os.path.join(workdir, "pruned")
   variants = {"float": float_params, f"pruned {config.prune.recipe}": pruned}
   if config.prune.finetune_steps:
-    ft = copy.deepcopy(config.train)
-    with ft.unlocked():
-      ft.train.steps = config.prune.finetune_steps
-      ft.opt.lr = config.prune.finetune_lr
-      ft.opt.warmup_steps = min(20, ft.train.steps)
-      ft.train.eval_every = 0
-      ft.ckpt.every = ft.train.steps
-    ft_res = train_lib.train_and_evaluate(
-        ft, pruned_dir, init_params=pruned,
-        wrap_optimizer=functools.partial(sparsity.masked, masks=masks))
-    pruned = ft_res.params
-    variants[f"pruned {config.prune.recipe} + {ft.train.steps}-step masked fine-tune"] = pruned
+    n = config.prune.finetune_steps
+    ft = _derived(config, train=dict(steps=n, eval_every=0), ckpt=dict(every=n),
+                  opt=dict(lr=config.prune.finetune_lr, warmup_steps=min(20, n)))
+    hooks = train_lib.Hooks(wrap_optimizer=functools.partial(sparsity.masked, masks=masks))
+    pruned = train_lib.train_and_evaluate(ft, pruned_dir, init_params=pruned, hooks=hooks).params
+    variants[f"pruned {config.prune.recipe} + {n}-step masked fine-tune"] = pruned
   else:
     checkpoint_lib.save_params(pruned_dir, pruned, cfg, meta={"recipe": config.prune.recipe},
                                replace=True)

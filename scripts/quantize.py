@@ -2,13 +2,13 @@ r"""Quantizes a checkpoint: python -m scripts.quantize --workdir=RUN --out=RUN_I
 
 Recipes: int8 | int4[:gN][:asym] | int2[...] | fp8[_e4m3|_e5m2], options `tensor` / `channel`.
 Writes OUT/checkpoints/<step> (params with QArray leaves) and OUT/quant_report.json
-(per-layer bytes before / after and relative error). Bad input exits non-zero first.
+(per-layer bytes before / after and relative error). Bad input exits with status 2 first.
 """
 
-from absl import app, flags
+from absl import flags
 
 import quant
-from scripts import quantize_lib
+from scripts import cli_lib, quantize_lib
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder with the float (or pruned) checkpoint.")
 _OUT = flags.DEFINE_string("out", None, "Output folder for the quantized checkpoint.")
@@ -17,17 +17,12 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
 flags.mark_flags_as_required(["workdir", "out"])
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  try:
-    result = quantize_lib.quantize_checkpoint(_WORKDIR.value, _OUT.value, _QUANT.value,
-                                              step=_STEP.value)
-  except (ValueError, OSError) as e:
-    raise SystemExit(f"error: {e}") from None
+def main():
+  result = quantize_lib.quantize_checkpoint(_WORKDIR.value, _OUT.value, _QUANT.value,
+                                            step=_STEP.value)
   print(quant.format_report(result["report"]))
   print(f"quantized checkpoint: {result['checkpoint']}\nreport: {result['report_path']}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli_lib.run(main, errors=(OSError,))

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import os
 
-from decoding import Finish, early_exit, speculative
+from decoding import early_exit, speculative
+from scripts import decode_lib
 
 SETTINGS = ("draft", "gamma", "gamma_max", "schedule")
 
@@ -42,34 +43,19 @@ def validate(extra: dict) -> None:
     raise ValueError(f"--schedule={schedule!r}; valid: {list(speculative.SCHEDULES)}")
 
 
-def run_speculative(run, prompts: list[list[int]], opts) -> list[dict]:
+def run_speculative(run: decode_lib.Run, prompts: list[list[int]],
+                    opts: decode_lib.Options) -> list[dict]:
   """Speculative decoding of `prompts` with the target `run` and the draft in opts.extra."""
-  from scripts import generate_lib  # generate_lib imports this module to register it
-
   validate(opts.extra)
   draft = opts.extra["draft"]
   kw = {k: opts.extra[k] for k in ("gamma", "gamma_max", "schedule") if k in opts.extra}
-  b = len(prompts)
-  sampler, keys = generate_lib.sampler_and_keys(opts, b)
-  common = dict(max_new_tokens=opts.max_new_tokens, sampler=sampler, key=keys,
-                eos_id=generate_lib._eos_ids(run.tokenizer),
-                stop_sequences=generate_lib._stop_sequences(run.tokenizer, opts.stop),
-                pad_id=run.tokenizer.pad_id, **kw)
+  common = dict(decode_lib.request_kwargs(run, opts, len(prompts)), **kw)
   if draft.startswith("exit:"):
-    out = early_exit.self_speculative_decode(run.cfg, run.params, int(draft[5:]), prompts,
-                                             **common)
+    out = early_exit.self_speculative_decode(run.cfg, early_exit.from_legacy(run.params),
+                                             int(draft[5:]), prompts, **common)
   else:
-    d = generate_lib.load(draft)
+    d = decode_lib.load(draft)
     out = speculative.speculative_decode(run.cfg, run.params, d.cfg, d.params, prompts,
                                          target_tokenizer=run.tokenizer,
                                          draft_tokenizer=d.tokenizer, **common)
-  results = []
-  for i in range(b):
-    n = int(out.lengths[i])
-    ids = [int(t) for t in out.tokens[i, :n]]
-    results.append(dict(text=run.tokenizer.decode(ids), tokens=ids,
-                        finish_reason=Finish(int(out.finish_reason[i])).name.lower(),
-                        logprob=float(out.logprobs[i, :n].sum()), stats=out.stats.to_dict()))
-  for r in results:
-    r["cost"] = out.cost.to_dict()
-  return results
+  return decode_lib.rows(run, out, stats=out.stats.to_dict())

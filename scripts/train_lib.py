@@ -1,10 +1,10 @@
 """Training loop: config validation, sharded state, jitted step, checkpoints, metrics.
 
-`train_and_evaluate(config, workdir)` is the whole trainer; `scripts/train.py` only
-parses flags and calls it. Fine-tuning entry points: `init_params` starts from
-given params instead of a fresh init, and `wrap_optimizer(tx) -> tx` wraps the
-AdamW chain (e.g. the sparsity package's masked optimizer keeps pruned weights
-at zero; its masks then live in the optimizer state and are checkpointed).
+`train_and_evaluate(config, workdir)` is the one trainer: every run (LM training,
+masked fine-tuning of a pruned model, draft models, early-exit distillation)
+resumes, logs and checkpoints the same way. What differs is in `Hooks`: the loss,
+the validation metrics, the trainable subset of the params and an optimizer
+wrapper; `init_params` starts from given params instead of a fresh init.
 """
 
 from __future__ import annotations
@@ -24,10 +24,12 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from ml_collections import config_dict
 
 from model import sharding, transformer
 from model.config import ModelConfig, get_preset
-from model.tree import tree_size
+from model.qarray import is_qarray
+from model.tree import flatten, match_rules, tree_size
 from scripts import checkpoint_lib, data_lib, eval_lib, metrics_lib
 
 WrapOptimizer = Callable[[optax.GradientTransformation], optax.GradientTransformation]
@@ -45,6 +47,40 @@ class NonFiniteLossError(RuntimeError):
   """Raised when the loss or the params become NaN/Inf; the last good checkpoint is kept."""
 
 
+# ModelConfig fields a config's `model` section may override (typed placeholders: None keeps
+# the preset's value).
+MODEL_FIELDS = {
+    "vocab_size": int, "d_model": int, "n_layers": int, "n_heads": int, "n_kv_heads": int,
+    "head_dim": int, "ffn_dim": int, "max_seq_len": int, "rope_theta": float,
+    "norm_eps": float, "qk_norm": bool, "qkv_bias": bool, "tie_embeddings": bool,
+    "param_dtype": str, "dtype": str, "attn_impl": str, "matmul_impl": str,
+}
+
+
+def default_config(preset: str = "tiny") -> ml_collections.ConfigDict:
+  """A run's sections with their defaults: model (a preset), data, opt, train, ckpt, mesh."""
+  c = ml_collections.ConfigDict()
+  c.model = ml_collections.ConfigDict({"preset": preset})
+  for name, typ in MODEL_FIELDS.items():
+    c.model[name] = config_dict.placeholder(typ)
+  c.data = data_lib.default_config()
+  c.opt = ml_collections.ConfigDict(dict(
+      lr=3e-3, warmup_steps=100,
+      min_lr_ratio=0.1,  # cosine decays to lr * min_lr_ratio
+      b1=0.9, b2=0.95, eps=1e-8,
+      weight_decay=0.1,  # on 2-D kernels and embeddings only
+      grad_clip=1.0))  # global norm; 0 disables
+  c.train = ml_collections.ConfigDict(dict(
+      steps=1000, seed=0,  # seed: parameter init
+      log_every=25, eval_every=250,  # 0: only at the end
+      eval_batches=16))  # validation batches per periodic eval; 0: whole split
+  c.ckpt = ml_collections.ConfigDict(dict(every=250, keep=3))
+  c.mesh = ml_collections.ConfigDict(dict(
+      data=-1,  # -1: all devices not used by the other axes
+      fsdp=1, tensor=1))
+  return c
+
+
 def model_config(model) -> ModelConfig:
   """The ModelConfig of a `model` config section: the preset with non-None fields replaced."""
   overrides = {k: v for k, v in model.items() if k != "preset" and v is not None}
@@ -54,9 +90,9 @@ def model_config(model) -> ModelConfig:
     raise ValueError(f"config.model (preset={model.preset!r}): {e}") from None
 
 
-def validate_config(config, workdir: str) -> ModelConfig:
+def validate_config(config, workdir: str, model_cfg: ModelConfig | None = None) -> ModelConfig:
   """Checks every field a run uses (before any compute or write); returns the ModelConfig."""
-  model_cfg = model_config(config.model)
+  model_cfg = model_cfg or model_config(config.model)
   data_lib.validate(config.data)
   if config.data.seq_len > model_cfg.max_seq_len:
     raise ValueError(f"config.data.seq_len={config.data.seq_len} exceeds the model's "
@@ -94,19 +130,64 @@ def make_optimizer(opt, total_steps: int):
   return tx, schedule
 
 
-def train_step(state: dict, batch: dict, *, model_cfg: ModelConfig, tx, schedule):
-  """One AdamW step on a packed batch: (state, batch) -> (state, metrics)."""
+def nll_loss(model_cfg: ModelConfig, params, batch) -> tuple[jax.Array, dict]:
+  """The default loss: mean next-token NLL over the batch's targets (and it in bits/byte)."""
+  nll, count = eval_lib.nll_sum(model_cfg, params, batch)
+  loss = nll / jnp.maximum(count, 1.0)
+  return loss, {"bpb": loss / math.log(2)}
 
-  def loss_fn(params):
-    nll, count = eval_lib.nll_sum(model_cfg, params, batch)
-    return nll / jnp.maximum(count, 1.0)
 
-  loss, grads = jax.value_and_grad(loss_fn)(state["params"])
-  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-  params = optax.apply_updates(state["params"], updates)
+@dataclasses.dataclass(frozen=True)
+class Hooks:
+  """How a run differs from plain LM training (hashable: each distinct set compiles once).
+
+  loss_fn: `(model_cfg, params, batch) -> (loss, metrics)`; default `nll_loss`.
+  eval_fn: `(model_cfg, params, batches, put_batch) -> metrics` for validation;
+    default bits/byte (`eval_lib.evaluate`).
+  trainable: a regex over param paths; only matching leaves train (the rest are
+    frozen and get no optimizer state). None: all.
+  wrap_optimizer: `tx -> tx` around the AdamW chain (e.g. `sparsity.masked`, whose
+    masks then live in the optimizer state and are checkpointed).
+  """
+
+  loss_fn: Callable | None = None
+  eval_fn: Callable | None = None
+  trainable: str | None = None
+  wrap_optimizer: WrapOptimizer | None = None
+
+
+def trainable_mask(params, regex: str | None):
+  """A bool per leaf of `params`: whether it trains under `Hooks.trainable`."""
+  paths, _, treedef = flatten(params)
+  if regex is None:
+    return jax.tree_util.tree_unflatten(treedef, [True] * len(paths))
+  train = match_rules(paths, [(regex, True)], kind="trainable", unmatched=False)
+  return jax.tree_util.tree_unflatten(treedef, train)
+
+
+def _split(params, mask):
+  """(the trainable leaves, None elsewhere)."""
+  return jax.tree.map(lambda x, m: x if m else None, params, mask, is_leaf=is_qarray)
+
+
+def _merge(trained, params):
+  return jax.tree.map(lambda t, p: p if t is None else t, trained, params,
+                      is_leaf=lambda x: x is None or is_qarray(x))
+
+
+def train_step(state: dict, batch: dict, *, model_cfg: ModelConfig, tx, schedule, hooks: Hooks,
+               mask):
+  """One optimizer step on a packed batch: (state, batch) -> (state, metrics)."""
+  loss_fn = hooks.loss_fn or nll_loss
+  params = state["params"]
+  trained = _split(params, mask)
+  loss_of = lambda t: loss_fn(model_cfg, _merge(t, params), batch)
+  (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(trained)
+  updates, opt_state = tx.update(grads, state["opt_state"], trained)
+  params = _merge(optax.apply_updates(trained, updates), params)
   finite = jnp.isfinite(loss) & jnp.all(
       jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)]))
-  metrics = {"loss": loss, "bpb": loss / math.log(2), "grad_norm": optax.global_norm(grads),
+  metrics = {"loss": loss, **metrics, "grad_norm": optax.global_norm(grads),
              "lr": schedule(state["step"]), "finite": finite}
   return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
@@ -130,24 +211,40 @@ def _init_program(model_cfg: ModelConfig, mesh):
   return abs_params, params_sh, jax.jit(init_fn, out_shardings=params_sh)
 
 
+def _signature(tree) -> tuple:
+  """A hashable description of a tree's structure, shapes and dtypes."""
+  leaves, treedef = jax.tree.flatten(tree)
+  return treedef, tuple((tuple(x.shape), jnp.dtype(x.dtype).name) for x in leaves)
+
+
 @functools.lru_cache(maxsize=8)
-def _program(model_cfg: ModelConfig, opt, steps: int, wrap_optimizer, mesh) -> _Program:
-  """Abstract state, shardings and jitted init / step functions (cached: reruns don't recompile)."""
+def _program(model_cfg: ModelConfig, opt, steps: int, hooks: Hooks, mesh,
+             params_sig: tuple | None = None) -> _Program:
+  """Abstract state, shardings and jitted init / step functions (cached: reruns don't recompile).
+
+  params_sig: the `_signature` of given initial params (e.g. a model plus an extra
+  head); None: the model's own init.
+  """
   tx, schedule = make_optimizer(opt, steps)
-  if wrap_optimizer is not None:
-    tx = wrap_optimizer(tx)
+  if hooks.wrap_optimizer is not None:
+    tx = hooks.wrap_optimizer(tx)
   abs_params, params_sh, init_params = _init_program(model_cfg, mesh)
-  abs_opt = jax.eval_shape(tx.init, abs_params)
+  if params_sig is not None:
+    treedef, leaves = params_sig
+    abs_params = jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(s, d) for s, d in leaves])
+    params_sh, init_params = sharding.tree_shardings(abs_params, mesh), None
+  mask = trainable_mask(abs_params, hooks.trainable)
+  abs_opt = jax.eval_shape(tx.init, _split(abs_params, mask))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  state_sh = {"params": params_sh,
-              "opt_state": sharding.tree_shardings(abs_opt, mesh),
+  state_sh = {"params": params_sh, "opt_state": sharding.tree_shardings(abs_opt, mesh),
               "step": replicated}
   batch_sh = sharding.batch_sharding(mesh)
-  step = jax.jit(lambda s, b: train_step(s, b, model_cfg=model_cfg, tx=tx, schedule=schedule),
+  step = jax.jit(lambda s, b: train_step(s, b, model_cfg=model_cfg, tx=tx, schedule=schedule,
+                                         hooks=hooks, mask=mask),
                  in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
                  donate_argnums=0)
-  return _Program(abs_params, abs_opt, state_sh, batch_sh, init_params,
-                  jax.jit(tx.init, out_shardings=state_sh["opt_state"]), step)
+  init_opt = jax.jit(lambda p: tx.init(_split(p, mask)), out_shardings=state_sh["opt_state"])
+  return _Program(abs_params, abs_opt, state_sh, batch_sh, init_params, init_opt, step)
 
 
 @dataclasses.dataclass
@@ -158,16 +255,24 @@ class _Pending:
   metrics: list = dataclasses.field(default_factory=list)
 
 
-def train_and_evaluate(config, workdir: str, *, init_params=None,
-                       wrap_optimizer: WrapOptimizer | None = None) -> TrainResult:
+def train_and_evaluate(config, workdir: str, *, init_params=None, hooks: Hooks = Hooks(),
+                       model_cfg: ModelConfig | None = None,
+                       meta: dict | None = None) -> TrainResult:
   """Trains per `config`, resuming from the latest checkpoint in `workdir`; returns a summary.
 
+  Args:
+    config: sections model, data, opt, train, ckpt, mesh (others are ignored).
+    init_params: start from these params instead of a fresh init (fine-tuning; with
+      `hooks.trainable`, a model plus extra subtrees such as an early-exit head).
+    hooks: loss, validation, trainable subset and optimizer wrapper (`Hooks`).
+    model_cfg: the model, instead of `config.model` (e.g. a loaded checkpoint's).
+    meta: JSON-able fields added to every checkpoint's meta.
   Writes `workdir/{checkpoints/, metrics.jsonl, tb/, config.json, model_config.json,
   summary.json}`. Raises ValueError on bad config (before any compute or write) and
   NonFiniteLossError if the loss or params become NaN/Inf.
   """
   # --- Validate and load data: nothing is written before this block succeeds.
-  model_cfg = validate_config(config, workdir)
+  model_cfg = validate_config(config, workdir, model_cfg)
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
   dc = config.data
   if dc.batch_size % sharding.batch_divisor(mesh):
@@ -178,7 +283,6 @@ def train_and_evaluate(config, workdir: str, *, init_params=None,
   it = data_lib.BatchIterator(train_stream, dc.batch_size, dc.seq_len, dc.seed)
   steps, n_val = config.train.steps, config.train.eval_batches or None
   val_batches = list(data_lib.eval_batches(val_stream, dc.batch_size, dc.seq_len, n_val))
-
   if checkpoint_lib.has_checkpoint(workdir):
     saved = ModelConfig.from_dict(checkpoint_lib.load_meta(workdir)["model_config"])
     if saved != model_cfg:
@@ -186,12 +290,12 @@ def train_and_evaluate(config, workdir: str, *, init_params=None,
                        f"(saved: {saved}); use a fresh workdir or the same model config")
 
   # --- Abstract state, shardings and compiled functions, then init or restore.
-  prog = _program(model_cfg, ml_collections.FrozenConfigDict(config.opt), steps, wrap_optimizer,
-                  mesh)
-  key = jax.random.key(config.train.seed)
+  sig = None
   if init_params is not None:
-    _check_same_shapes(init_params, prog.abs_params)
-
+    _check_init_params(init_params, _init_program(model_cfg, mesh)[0], hooks)
+    sig = _signature(init_params) if hooks.trainable is not None else None
+  prog = _program(model_cfg, ml_collections.FrozenConfigDict(config.opt), steps, hooks, mesh,
+                  sig)
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2))
@@ -207,36 +311,33 @@ def train_and_evaluate(config, workdir: str, *, init_params=None,
     logging.info("resumed from step %d in %s", start, mgr.directory)
   else:
     if init_params is None:
-      params = prog.init_params(key)
+      params = prog.init_params(jax.random.key(config.train.seed))
     else:
       # A copy: the train step donates its state, which must not delete the caller's arrays.
       params = jax.device_put(init_params, prog.state_sh["params"], may_alias=False)
     opt_state = prog.init_opt(params)
   state = {"params": params, "opt_state": opt_state,
            "step": jax.device_put(jnp.asarray(start, jnp.int32), prog.state_sh["step"])}
-  step_fn = prog.step
   put = lambda b: jax.device_put(b, prog.batch_sh)
   writer = metrics_lib.MetricWriter(workdir, resume_step=start)
   progress = metrics_lib.Progress(steps, initial=start)
-  entropy = data_lib.unigram_entropy_bits(train_stream)
   tokens_per_step = dc.batch_size * dc.seq_len
   pending, last_good, train_rec, val_rec = _Pending(), start, {}, {}
   timed_steps, timed_s, t_flush = 0, 0.0, time.perf_counter()
 
   def save(step):
-    checkpoint_lib.save_train_state(mgr, step, state["params"], model_cfg,
+    checkpoint_lib.save_train_state(mgr, step, state["params"], model_cfg, meta=meta,
                                     opt_state=state["opt_state"], data_state=it.state)
 
   def validate(step):
-    r = eval_lib.evaluate(model_cfg, state["params"], val_batches, put_batch=put)
-    rec = {k: r[k] for k in ("loss", "bpb", "ppl")}
+    rec = (hooks.eval_fn or _default_eval)(model_cfg, state["params"], val_batches, put)
     writer.write(step, "val", rec)
     return rec
 
   # --- Train.
   try:
     for step in range(start + 1, steps + 1):
-      state, m = step_fn(state, put(next(it)))
+      state, m = prog.step(state, put(next(it)))
       pending.steps.append(step)
       pending.metrics.append(m)
       if step % config.train.log_every and step % config.ckpt.every and step != steps:
@@ -253,7 +354,7 @@ def train_and_evaluate(config, workdir: str, *, init_params=None,
       if pending.steps[0] > start + 1:  # the first interval of a run includes compilation
         timed_steps, timed_s = timed_steps + len(fetched), timed_s + dt
       train_rec = {k: float(np.mean([fm[k] for fm in fetched]))
-                   for k in ("loss", "bpb", "grad_norm")}
+                   for k in fetched[0] if k not in ("lr", "finite")}
       train_rec.update(lr=float(fetched[-1]["lr"]), tokens_per_s=tok_s)
       writer.write(step, "train", train_rec)
       pending = _Pending()
@@ -262,19 +363,18 @@ def train_and_evaluate(config, workdir: str, *, init_params=None,
       if step % config.ckpt.every == 0 or step == steps:
         save(step)
         last_good = step
-      progress.update(step, f"loss {train_rec['loss']:.3f} bpb {train_rec['bpb']:.3f} "
-                      f"{tok_s / 1e3:.1f}k tok/s" + (f" | val bpb {val_rec['bpb']:.3f}"
-                                                    if val_rec else ""))
+      progress.update(step, f"{_brief(train_rec)} {tok_s / 1e3:.1f}k tok/s"
+                      + (f" | val {_brief(val_rec)}" if val_rec else ""))
       t_flush = time.perf_counter()  # exclude eval and checkpoint time from the rate
     val_rec = validate(steps)
   finally:
     writer.close()
     mgr.close()
   summary = {
-      "step": steps, "params": tree_size(state["params"]),
-      "model_config": model_cfg.to_dict(), "train_loss": train_rec.get("loss"),
-      "train_bpb": train_rec.get("bpb"), "val_loss": val_rec["loss"], "val_bpb": val_rec["bpb"],
-      "val_ppl": val_rec["ppl"], "unigram_entropy_bits": entropy,
+      "step": steps, "params": tree_size(state["params"]), "model_config": model_cfg.to_dict(),
+      **{f"train_{k}": train_rec.get(k) for k in ("loss", "bpb")},
+      **{f"val_{k}": v for k, v in val_rec.items()},
+      "unigram_entropy_bits": data_lib.unigram_entropy_bits(train_stream),
       "tokens_per_s": tokens_per_step * timed_steps / timed_s if timed_steps else None,
       "devices": len(mesh.devices.flat), "workdir": os.path.abspath(workdir),
       "checkpoint_dir": str(mgr.directory)}
@@ -283,8 +383,36 @@ def train_and_evaluate(config, workdir: str, *, init_params=None,
   return TrainResult(summary, state["params"], model_cfg)
 
 
-def _check_same_shapes(params, abstract) -> None:
-  got = jax.tree.map(lambda x: (tuple(x.shape), jnp.dtype(x.dtype).name), params)
-  want = jax.tree.map(lambda x: (tuple(x.shape), jnp.dtype(x.dtype).name), abstract)
-  if got != want:
-    raise ValueError("init_params do not match config.model's parameter shapes/dtypes")
+def _default_eval(model_cfg, params, batches, put_batch) -> dict:
+  r = eval_lib.evaluate(model_cfg, params, batches, put_batch=put_batch)
+  return {k: r[k] for k in ("loss", "bpb", "ppl")}
+
+
+def _brief(rec: dict) -> str:
+  """The first two metrics of a record, for the progress line."""
+  return " ".join(f"{k} {v:.3f}" for k, v in list(rec.items())[:2])
+
+
+def _check_init_params(params, abstract_model, hooks: Hooks) -> None:
+  """The model's own leaves must match; extra subtrees only where a trainable subset is set."""
+  got = dict(zip(*_shapes(params), strict=True))
+  want = dict(zip(*_shapes(abstract_model), strict=True))
+  wrong = [p for p in want if got.get(p) != want[p]]
+  extra = [p for p in got if p not in want]
+  if wrong or (extra and hooks.trainable is None):
+    raise ValueError(f"init_params do not match config.model's parameter shapes/dtypes "
+                     f"(first mismatches: {(wrong or extra)[:3]})")
+
+
+def _shapes(tree) -> tuple[list[str], list]:
+  paths, leaves, _ = flatten(tree)
+  return paths, [(tuple(x.shape), jnp.dtype(x.dtype).name) for x in leaves]
+
+
+def format_summary(s: dict) -> str:
+  """One line: final validation metrics, parameter count, throughput, where the run is."""
+  val = ", ".join(f"val {k[4:]} {v:.4f}" for k, v in s.items()
+                  if k.startswith("val_") and isinstance(v, float))
+  rate = f"{s['tokens_per_s'] / 1e3:.1f}k train tokens/s" if s["tokens_per_s"] else "no steps run"
+  return (f"step {s['step']}: {val} (unigram entropy {s['unigram_entropy_bits']:.3f}), "
+          f"{s['params']:,} params, {rate}; outputs in {s['workdir']}")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from scripts import data_lib
-from scripts.configs import train as train_config
+from scripts.configs.train import lm as train_config
 
 
 def _data(**kw):

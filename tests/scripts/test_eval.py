@@ -14,7 +14,7 @@ import pytest
 import model
 from model.qarray import QArray
 from scripts import checkpoint_lib, data_lib, eval_lib
-from scripts.configs import train as train_config
+from scripts.configs.train import lm as train_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CFG = model.get_preset("test", n_layers=1)

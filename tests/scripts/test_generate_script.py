@@ -5,12 +5,12 @@ import os
 
 import pytest
 
-from scripts import generate_lib
+from scripts import decode_lib, generate_lib
 
 
 @pytest.fixture(scope="module")
 def run():
-  return generate_lib.load(None, preset="test")
+  return decode_lib.load(None, preset="test")
 
 
 @pytest.mark.parametrize("extra, match", [
@@ -24,7 +24,7 @@ def run():
 ])
 def test_bad_speculative_flags_fail_before_loading(extra, match):
   with pytest.raises(ValueError, match=match):
-    generate_lib.validate("speculative", generate_lib.Options(extra=extra), ["hi"])
+    generate_lib.validate("speculative", decode_lib.Options(extra=extra), ["hi"])
 
 
 @pytest.mark.parametrize("method, kw, match", [
@@ -36,16 +36,16 @@ def test_bad_speculative_flags_fail_before_loading(extra, match):
 ])
 def test_bad_flags_fail_before_loading(method, kw, match):
   with pytest.raises(ValueError, match=match):
-    generate_lib.validate(method, generate_lib.Options(**kw), ["hi"])
+    generate_lib.validate(method, decode_lib.Options(**kw), ["hi"])
 
 
 def test_load_needs_exactly_one_source():
   with pytest.raises(ValueError, match="exactly one of --model"):
-    generate_lib.load(None)
+    decode_lib.load(None)
 
 
 def test_streamed_text_equals_returned_text(run, capsys):
-  opts = generate_lib.Options(max_new_tokens=12, stream=True)
+  opts = decode_lib.Options(max_new_tokens=12, stream=True)
   (res,) = generate_lib.generate_text(run, ["def f("], "sample", opts)
   streamed = capsys.readouterr().out.rstrip("\n")
   assert streamed == res["text"].rstrip("\ufffd")
@@ -54,7 +54,7 @@ def test_streamed_text_equals_returned_text(run, capsys):
 
 
 def test_beam_returns_ranked_hypotheses(run):
-  opts = generate_lib.Options(max_new_tokens=6, beam_width=3, num_return=3)
+  opts = decode_lib.Options(max_new_tokens=6, beam_width=3, num_return=3)
   (res,) = generate_lib.generate_text(run, ["ab"], "beam", opts)
   scores = [h["score"] for h in res["hypotheses"]]
   assert scores == sorted(scores, reverse=True) and res["text"] == res["hypotheses"][0]["text"]
@@ -65,8 +65,8 @@ def test_speculative_greedy_equals_sample_greedy(run, schedule):
   """--method=speculative (early-exit draft, no trained head) reproduces greedy sampling."""
   texts = ["def f(", "import o"]
   greedy = generate_lib.generate_text(run, texts, "sample",
-                                      generate_lib.Options(max_new_tokens=10))
-  opts = generate_lib.Options(max_new_tokens=10,
+                                      decode_lib.Options(max_new_tokens=10))
+  opts = decode_lib.Options(max_new_tokens=10,
                               extra=dict(draft="exit:1", gamma=2, schedule=schedule))
   spec = generate_lib.generate_text(run, texts, "speculative", opts)
   for g, s in zip(greedy, spec, strict=True):

@@ -10,10 +10,10 @@ from scripts.configs import main_job
 def _config():
   c = main_job.get_config("0.005")  # a few steps per stage
   c.unlock()
-  c.train.model.preset = "test"
-  c.train.model.n_layers = 2
-  c.train.data.seq_len, c.train.data.batch_size = 32, 4
-  c.train.train.update(eval_every=0, eval_batches=1, log_every=1)
+  c.model.preset = "test"
+  c.model.n_layers = 2
+  c.data.seq_len, c.data.batch_size = 32, 4
+  c.train.update(eval_every=0, eval_batches=1, log_every=1)
   c.eval.max_batches = 1
   c.decode.update(max_new_tokens=6, num_samples=2)
   c.speculative.update(draft_steps=2, num_prompts=1, gamma=2)

@@ -15,7 +15,7 @@ import pytest
 
 from model import sharding
 from scripts import checkpoint_lib, data_lib, metrics_lib, train_lib
-from scripts.configs import train as train_config
+from scripts.configs.train import lm as train_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -49,7 +49,7 @@ def _losses(workdir):
 def test_overfits_one_batch(uninterrupted):
   c = tiny_config()  # the fixture's config: its compiled step is reused
   prog = train_lib._program(train_lib.model_config(c.model), ml_collections.FrozenConfigDict(c.opt),
-                            c.train.steps, None, sharding.make_mesh())
+                            c.train.steps, train_lib.Hooks(), sharding.make_mesh())
   batch = next(data_lib.BatchIterator(data_lib.load_split(c.data, "train"), 8, 32, seed=1))
   batch = jax.device_put(batch, prog.batch_sh)
   params = prog.init_params(jax.random.key(1))
@@ -130,7 +130,7 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
   workdir = str(tmp_path / "nan")
   c = tiny_config(train=dict(steps=8), ckpt=dict(every=2))
   with pytest.raises(train_lib.NonFiniteLossError, match="step 5.*Last good checkpoint: step 4"):
-    train_lib.train_and_evaluate(c, workdir, wrap_optimizer=_poison_after(4))
+    train_lib.train_and_evaluate(c, workdir, hooks=train_lib.Hooks(wrap_optimizer=_poison_after(4)))
   mgr = checkpoint_lib.manager(workdir)
   assert mgr.all_steps() == [2, 4]
   params, _, _ = checkpoint_lib.load_params(workdir)
@@ -171,7 +171,7 @@ def test_unwritable_workdir(tmp_path):
 def test_cli_bad_preset_exits_nonzero(tmp_path):
   workdir = tmp_path / "cli"
   proc = subprocess.run(
-      [sys.executable, "-m", "scripts.train", "--config=scripts/configs/train.py:nope",
+      [sys.executable, "-m", "scripts.train", "--config=scripts/configs/train/lm.py:nope",
        f"--workdir={workdir}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert proc.returncode != 0 and "unknown model preset 'nope'" in proc.stderr
   assert not workdir.exists()

@@ -10,7 +10,7 @@ import pytest
 
 import model
 from scripts import checkpoint_lib
-from scripts import prune as prune_script
+from scripts import prune_lib as prune_script
 
 CFG = model.get_preset("test")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -1,7 +1,7 @@
 r"""Decode throughput, sparq vs Hugging Face transformers, on identical weights and config.
 
-  python -m scripts.bench_decode                       # full grid (~10 min on 2 cores)
-  python -m scripts.bench_decode --batch=1,8 --prompt_len=128   # a subset
+  python -m scripts.bench.decode                       # full grid (~10 min on 2 cores)
+  python -m scripts.bench.decode --batch=1,8 --prompt_len=128   # a subset
 
 For each (prompt length, batch): random prompts, greedy decoding of exactly
 --new_tokens tokens (no EOS). sparq runs `decoding.generate` (one jitted
@@ -148,7 +148,7 @@ def _table(results, meta) -> str:
   lines += ["", "tok/s = batch x new tokens / wall time, prefill included; decode tok/s = "
             "batch x (new - 1) / (t(new) - t(1)). HF: the best of torch thread counts "
             f"{meta.get('hf_threads', '-')}. Greedy agreement: fraction of identical generated "
-            "tokens. Command: `python -m scripts.bench_decode`."]
+            "tokens. Command: `python -m scripts.bench.decode`."]
   return "\n".join(lines) + "\n"
 
 

@@ -1,4 +1,4 @@
-r"""Peak memory of Hugging Face import: python -m scripts.bench_convert [--preset=llama-3.2-1b].
+r"""Peak memory of Hugging Face import: python -m scripts.bench.convert [--preset=llama-3.2-1b].
 
 Writes a random checkpoint with the preset's shapes in the Hugging Face layout
 (bf16, sharded at --shard_gb, or one file), then imports it in a fresh process
@@ -96,7 +96,7 @@ def _write_checkpoint(cfg, path: str, shard_bytes: int) -> int:
 
 
 def _run_child(path: str, mode: str, param_dtype: str) -> dict:
-  cmd = [sys.executable, "-m", "scripts.bench_convert", f"--measure={path}", f"--mode={mode}",
+  cmd = [sys.executable, "-m", "scripts.bench.convert", f"--measure={path}", f"--mode={mode}",
          f"--param_dtype={param_dtype}"]
   out = subprocess.run(cmd, check=True, capture_output=True, text=True)
   return json.loads(out.stdout.strip().splitlines()[-1])
@@ -138,7 +138,7 @@ def main(argv):
   result = {"machine": f"2-core CPU container ({platform.machine()}), no accelerator",
             "backend": jax.default_backend(), "jax": jax.__version__,
             "preset": _PRESET.value, "shard_gb": _SHARD_GB.value,
-            "command": "python -m scripts.bench_convert " + " ".join(sys.argv[1:]),
+            "command": "python -m scripts.bench.convert " + " ".join(sys.argv[1:]),
             "note": "peak_extra_bytes: VmHWM during the import minus VmRSS before it; "
                     "seconds are noisy on a shared 2-core machine, memory is not",
             "rows": rows}

@@ -1,4 +1,4 @@
-r"""Benchmarks int8 weight-only matmul: python -m scripts.bench_matmul [--m=1,16,256].
+r"""Benchmarks int8 weight-only matmul: python -m scripts.bench.matmul [--m=1,16,256].
 
 Times, for weight shapes taken from the presets, a float matmul (weights in
 x.dtype), the XLA int8 path (`pallas_kernels` reference: codes in the dot, scale

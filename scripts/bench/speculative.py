@@ -1,6 +1,6 @@
 r"""Speculative decoding vs plain greedy, batch 1, trained byte-level models.
 
-python -m scripts.bench_speculative --target_workdir=runs/spec_target \
+python -m scripts.bench.speculative --target_workdir=runs/spec_target \
     --draft_workdir=runs/spec_draft --exit_workdir=runs/spec_exit
 
 Models: scripts/configs/draft.py (:target and :draft, trained by scripts/train.py)
@@ -206,7 +206,7 @@ def main(argv):
             repeats=_REPEATS.value)
   names = ("target_workdir", "draft_workdir", "exit_workdir", "prompts", "repeats", "gammas")
   value = lambda v: ",".join(v) if isinstance(v, list) else v
-  command = "python -m scripts.bench_speculative " + " ".join(
+  command = "python -m scripts.bench.speculative " + " ".join(
       f"--{f}={value(flags.FLAGS[f].value)}" for f in names if flags.FLAGS[f].value)
   os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
   with open(_OUT.value + ".json", "w") as f:

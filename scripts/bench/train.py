@@ -1,4 +1,4 @@
-r"""Training throughput: python -m scripts.bench_train [--presets=tiny,small,bench-25m].
+r"""Training throughput: python -m scripts.bench.train [--presets=tiny,small,bench-25m].
 
 Times the jitted train step (AdamW, clipping, packed stdlib batches) per preset
 after one compile step, prints a table and writes docs/bench_train.json (and a
@@ -19,7 +19,7 @@ import model
 from model import transformer
 from model.config import get_preset
 from scripts import data_lib, train_lib
-from scripts.configs import train as train_config
+from scripts.configs.train import lm as train_config
 
 _PRESETS = flags.DEFINE_list("presets", ["test", "tiny", "small"], "Model presets.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "Tokens per row.")

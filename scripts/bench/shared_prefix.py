@@ -1,6 +1,6 @@
 r"""Shared-prefix (Hydragen) vs naive batched sampling as the shared prompt grows.
 
-python -m scripts.bench_shared_prefix [--lengths=256,1024,4096 --n=32 --max_new_tokens=64]
+python -m scripts.bench.shared_prefix [--lengths=256,1024,4096 --n=32 --max_new_tokens=64]
 
 N samples of one prompt (temperature 1). Both methods prefill the prompt once
 (`prefill_prefix`) and then decode with `decoding.generate`; they differ only
@@ -125,7 +125,7 @@ def main(argv):
   rows = []
   for name in _MODELS.value:
     rows += bench_model(name, MODELS[name], lengths, _N.value, _NEW.value, _REPEATS.value)
-  command = (f"python -m scripts.bench_shared_prefix --models={','.join(_MODELS.value)} "
+  command = (f"python -m scripts.bench.shared_prefix --models={','.join(_MODELS.value)} "
              f"--lengths={','.join(_LENGTHS.value)} --n={_N.value} "
              f"--max_new_tokens={_NEW.value} --repeats={_REPEATS.value} --out={_OUT.value}")
   os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)

@@ -1,0 +1,1 @@
+"""Training configs: `python -m scripts.train --config=scripts/configs/train/<name>.py[:arg]`."""
