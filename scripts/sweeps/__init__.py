@@ -1,0 +1,1 @@
+"""Sweep mains: a config grid -> resumable results.jsonl -> table + PNG."""
