@@ -37,27 +37,9 @@ class Decoder:
     """The part of `params` one step reads (cost accounting); all of it here."""
     return params
 
-  @property
-  def n_heads(self) -> int:
-    return self.cfg.n_heads
-
-  @property
-  def kv_heads(self) -> int:
-    return self.cfg.n_kv_heads
-
-  @property
-  def head_dim(self) -> int:
-    return self.cfg.dh
-
-  @property
-  def n_layers(self) -> int:
-    """Layers one step runs (attention cost)."""
-    return self.cfg.n_layers
-
-  @property
-  def vocab_size(self) -> int:
-    return self.cfg.vocab_size
-
-  @property
-  def max_seq_len(self) -> int:
-    return self.cfg.max_seq_len
+  n_heads = property(lambda self: self.cfg.n_heads)
+  kv_heads = property(lambda self: self.cfg.n_kv_heads)
+  head_dim = property(lambda self: self.cfg.dh)
+  n_layers = property(lambda self: self.cfg.n_layers, doc="Layers one step runs (attention cost).")
+  vocab_size = property(lambda self: self.cfg.vocab_size)
+  max_seq_len = property(lambda self: self.cfg.max_seq_len)

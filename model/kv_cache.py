@@ -96,33 +96,14 @@ class PrefixCache:
   prefix: KVCache
   suffix: KVCache
 
-  @property
-  def batch(self) -> int:
-    return self.suffix.batch
-
-  @property
-  def lengths(self) -> Array:
-    return self.suffix.lengths
-
-  @property
-  def max_len(self) -> int:
-    return self.suffix.max_len
-
-  @property
-  def read_len(self) -> int:
-    return self.prefix.max_len + self.suffix.max_len
-
-  @property
-  def n_layers(self) -> int:
-    return self.suffix.n_layers
-
-  @property
-  def kv_heads(self) -> int:
-    return self.suffix.kv_heads
-
-  @property
-  def head_dim(self) -> int:
-    return self.suffix.head_dim
+  # Rows, lengths, slots and dims are the suffix's; only the reads cover both.
+  batch = property(lambda self: self.suffix.batch)
+  lengths = property(lambda self: self.suffix.lengths)
+  max_len = property(lambda self: self.suffix.max_len)
+  read_len = property(lambda self: self.prefix.max_len + self.suffix.max_len)
+  n_layers = property(lambda self: self.suffix.n_layers)
+  kv_heads = property(lambda self: self.suffix.kv_heads)
+  head_dim = property(lambda self: self.suffix.head_dim)
 
   @property
   def nbytes(self) -> int:

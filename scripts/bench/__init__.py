@@ -1,1 +1,3 @@
-"""Benchmarks: `python -m scripts.bench.<name>`; each prints a table and writes JSON + markdown under docs/."""
+"""Benchmarks: `python -m scripts.bench.<name>`.
+
+Each prints a table and writes JSON + markdown under docs/ (`bench_lib`)."""

@@ -13,20 +13,19 @@ alternating. tokens/s = batch * new_tokens / wall time (prefill included);
 Writes docs/bench_decode.json and docs/bench_decode.md.
 """
 
-import json
 import os
-import platform
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 import decoding
 import model
 from model import convert
+from scripts import cli_lib
+from scripts.bench import bench_lib
 
 _BATCH = flags.DEFINE_list("batch", ["1", "8", "32"], "Batch sizes.")
 _PROMPT = flags.DEFINE_list("prompt_len", ["128", "1024"], "Prompt lengths.")
@@ -40,17 +39,8 @@ _HF_THREADS = flags.DEFINE_list(
 _REPEATS = flags.DEFINE_integer("repeats", 1, "Timed runs per point (the best is kept).")
 _SPLIT = flags.DEFINE_bool("split_prefill", True, "Also time 1-token runs (decode-only rate).")
 _OUT = flags.DEFINE_string("output_dir", "docs", "Where bench_decode.{json,md} go.")
-_MACHINE = flags.DEFINE_string("machine", "2-core CPU container, no accelerator",
-                               "Machine description recorded with the results.")
-
-
-def _best(fn, repeats):
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    out = fn()
-    times.append(time.perf_counter() - t0)
-  return min(times), out
+FLAG_NAMES = ("batch", "prompt_len", "new_tokens", "preset", "dtype", "hf", "hf_threads",
+              "repeats", "split_prefill", "output_dir")
 
 
 def _sparq_runner(cfg, params):
@@ -88,7 +78,7 @@ def _hf_runner(hf_model, thread_counts):
     probe = {}
     for n in thread_counts:  # a short probe: 128-token prompts, 8 new tokens
       threads[0] = n
-      probe[n], _ = _best(lambda: run(prompts[:, -128:], min(new, 8)), 1)
+      probe[n], _ = bench_lib.timed(lambda: run(prompts[:, -128:], min(new, 8)))
     threads[0] = min(probe, key=probe.get)
     return {"threads": threads[0]}
 
@@ -101,10 +91,10 @@ def _point(runners, prompts, new, repeats, split):
   b = prompts.shape[0]
   for name, (run, warm_up) in runners.items():
     extra = warm_up(prompts, new)
-    t_full, tokens[name] = _best(lambda: run(prompts, new), repeats)
+    t_full, tokens[name] = bench_lib.best_of(lambda: run(prompts, new), repeats)
     r = {"wall_s": t_full, "tok_s": b * new / t_full, **extra}
     if split:
-      t_one, _ = _best(lambda: run(prompts, 1), repeats)
+      t_one, _ = bench_lib.best_of(lambda: run(prompts, 1), repeats)
       r.update(prefill_s=t_one, decode_tok_s=b * (new - 1) / max(t_full - t_one, 1e-9))
     res[name] = r
   if "hf" in tokens:
@@ -127,13 +117,13 @@ def _hf_model(cfg, params, folder):
   return hf, float(np.abs(ref - ours).max())
 
 
-def _table(results, meta) -> str:
+def _table(results, meta, command: str) -> str:
   lines = [f"# Decode throughput: sparq vs transformers ({meta['machine']})", "",
            f"Model: preset `{meta['preset']}` ({meta['params'] / 1e6:.1f}M params, "
            f"{meta['dtype']}), random weights, greedy, {meta['new_tokens']} new tokens per row. "
            f"jax {meta['jax']}, torch {meta.get('torch', '-')}, transformers "
            f"{meta.get('transformers', '-')}. Load average at start / end: "
-           f"{meta['load_start']} / {meta['load_end']}.", "",
+           f"{meta['load_avg_1m']:.2f} / {meta['load_avg_1m_end']:.2f}.", "",
            "| prompt | batch | sparq tok/s | HF tok/s | speedup | sparq decode tok/s | "
            "HF decode tok/s | decode speedup | HF threads | greedy agreement |",
            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -148,23 +138,23 @@ def _table(results, meta) -> str:
   lines += ["", "tok/s = batch x new tokens / wall time, prefill included; decode tok/s = "
             "batch x (new - 1) / (t(new) - t(1)). HF: the best of torch thread counts "
             f"{meta.get('hf_threads', '-')}. Greedy agreement: fraction of identical generated "
-            "tokens. Command: `python -m scripts.bench.decode`."]
+            f"tokens. Command: `{command}`."]
   return "\n".join(lines) + "\n"
 
 
-def main(argv):
-  del argv
+def main():
   batches = [int(b) for b in _BATCH.value]
   lens = [int(p) for p in _PROMPT.value]
-  if min(batches) < 1 or min(lens) < 1 or _NEW.value < 2:
-    raise SystemExit("error: --batch and --prompt_len must be >= 1, --new_tokens >= 2")
+  if min(batches) < 1 or min(lens) < 1 or _NEW.value < 2 or _REPEATS.value < 1:
+    raise ValueError(f"--batch={_BATCH.value} and --prompt_len={_PROMPT.value} must be >= 1, "
+                     f"--new_tokens={_NEW.value} >= 2, --repeats={_REPEATS.value} >= 1")
   cfg = model.get_preset(_PRESET.value, param_dtype=_DTYPE.value, dtype=_DTYPE.value)
   if max(lens) + _NEW.value > cfg.max_seq_len:
-    raise SystemExit(f"error: --prompt_len + --new_tokens exceeds max_seq_len={cfg.max_seq_len}")
+    raise ValueError(f"--prompt_len={max(lens)} + --new_tokens={_NEW.value} exceeds "
+                     f"max_seq_len={cfg.max_seq_len}")
   params = model.init(cfg, jax.random.key(0))
-  meta = dict(machine=_MACHINE.value, cpu=platform.processor() or platform.machine(),
-              preset=_PRESET.value, dtype=_DTYPE.value, params=model.count_params(params),
-              new_tokens=_NEW.value, jax=jax.__version__, load_start=os.getloadavg()[0])
+  meta = dict(**bench_lib.machine_info(), preset=_PRESET.value, dtype=_DTYPE.value,
+              params=model.count_params(params), new_tokens=_NEW.value)
   runners = {"sparq": _sparq_runner(cfg, params)}
   if _HF.value:
     import torch
@@ -188,15 +178,12 @@ def main(argv):
       hf_tok = r.get("hf", {}).get("tok_s", float("nan"))
       print(f"prompt {p:5d} batch {b:3d}: sparq {r['sparq']['tok_s']:8.1f} tok/s  "
             f"hf {hf_tok:8.1f} tok/s  ({r['sparq']['tok_s'] / hf_tok:.2f}x)", flush=True)
-  meta["load_end"] = os.getloadavg()[0]
-  os.makedirs(_OUT.value, exist_ok=True)
-  with open(os.path.join(_OUT.value, "bench_decode.json"), "w") as f:
-    json.dump(dict(meta=meta, results=results), f, indent=2)
-  table = _table(results, meta)
-  with open(os.path.join(_OUT.value, "bench_decode.md"), "w") as f:
-    f.write(table)
-  print(table)
+  meta["load_avg_1m_end"] = os.getloadavg()[0]
+  command = bench_lib.command_line("scripts.bench.decode", FLAG_NAMES)
+  meta["command"] = command
+  bench_lib.write_results(os.path.join(_OUT.value, "bench_decode"),
+                          dict(meta=meta, results=results), _table(results, meta, command))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli_lib.run(main)

@@ -4,22 +4,22 @@ Times, for weight shapes taken from the presets, a float matmul (weights in
 x.dtype), the XLA int8 path (`pallas_kernels` reference: codes in the dot, scale
 on the f32 accumulator) and, on a TPU, the compiled Pallas kernel. It also
 prints a memory/compute roofline estimate (no measurement) of float vs int8
-weights on H100 and TPU v5e, and saves everything to --out as JSON.
+weights on H100 and TPU v5e, and saves everything to --out as JSON, with the
+table beside it as markdown (.md).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import platform
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from pallas_kernels import int8_matmul as k
+from scripts import cli_lib
+from scripts.bench import bench_lib
 
 # (name, K, N): MLP up-projection and attention output shapes of the presets.
 SHAPES = [
@@ -34,25 +34,15 @@ HARDWARE = {"H100 SXM": (3.35e12, 989e12), "TPU v5e": (819e9, 197e12)}
 _M = flags.DEFINE_list("m", ["1", "16", "256"], "Rows of x (tokens per step).")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Activation dtype.")
 _ITERS = flags.DEFINE_integer("iters", 20, "Timed iterations per case (median reported).")
-_OUT = flags.DEFINE_string("out", "docs/bench_matmul.json", "JSON output path.")
-
-
-def machine() -> str:
-  dev = jax.devices()[0]
-  if dev.platform == "cpu":
-    return f"{os.cpu_count()}-core CPU container ({platform.machine()}), no accelerator"
-  return f"{dev.device_kind} ({dev.platform})"
+_OUT = flags.DEFINE_string("out", "docs/bench_matmul.json",
+                           "JSON output path (the markdown goes beside it, .md).")
 
 
 def time_fn(fn, *args, iters: int) -> float:
   """Median wall time in seconds of a jitted call (compile and one warm-up excluded)."""
   jax.block_until_ready(fn(*args))
-  ts = []
-  for _ in range(iters):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    ts.append(time.perf_counter() - t)
-  return float(np.median(ts))
+  times, _ = bench_lib.repeat_times(lambda: fn(*args), iters)
+  return float(np.median(times))
 
 
 def roofline(M: int, K: int, N: int, x_bytes: int, w_bytes: int) -> dict[str, float]:
@@ -86,44 +76,46 @@ def run(ms: list[int], dtype: str, iters: int) -> list[dict]:
   return rows
 
 
-def print_table(rows: list[dict]) -> None:
-  us = lambda s: "n/a" if s is None else f"{s * 1e6:9.1f}"
+def markdown(rows: list[dict], info: dict, command: str) -> str:
+  """The measured times and roofline estimates as a markdown table."""
+  us = lambda s: "n/a" if s is None else f"{s * 1e6:.1f}"
   hw = list(HARDWARE)
-  head = (f"{'shape':22s} {'M':>4s} {'float us':>9s} {'xla-int8':>9s} {'pallas':>9s} | "
-          + " | ".join(f"{h} float/int8 us (x)" for h in hw))
-  print(head)
-  print("-" * len(head))
+  lines = ["# int8 weight-only matmul", "",
+           f"Machine: {info['machine']}; backend {info['backend']}; jax {info['jax']}. "
+           f"Command: `{command}`", "",
+           "Measured: median wall time per call (us). Estimates: roofline lower bounds "
+           "(not measured), float / int8 weights (us) and their ratio.", "",
+           "| shape | M | float | xla-int8 | pallas | "
+           + " | ".join(f"{h} float / int8 (x)" for h in hw) + " |",
+           "|---|---:|---:|---:|---:|" + "---:|" * len(hw)]
   for r in rows:
     est = " | ".join(
-        f"{r['roofline_float_s'][h] * 1e6:8.2f}/{r['roofline_int8_s'][h] * 1e6:7.2f} "
-        f"({r['roofline_float_s'][h] / r['roofline_int8_s'][h]:3.1f}x)" for h in hw)
-    print(f"{r['shape']:22s} {r['M']:4d} {us(r['float_s'])} {us(r['xla_int8_s'])} "
-          f"{us(r['pallas_s']):>9s} | {est}")
+        f"{r['roofline_float_s'][h] * 1e6:.2f} / {r['roofline_int8_s'][h] * 1e6:.2f} "
+        f"({r['roofline_float_s'][h] / r['roofline_int8_s'][h]:.1f}x)" for h in hw)
+    lines.append(f"| {r['shape']} | {r['M']} | {us(r['float_s'])} | {us(r['xla_int8_s'])} | "
+                 f"{us(r['pallas_s'])} | {est} |")
+  if info["backend"] != "tpu":
+    lines += ["", "pallas: n/a (the compiled kernel is TPU-only; this backend runs the XLA "
+              "int8 path)."]
+  return "\n".join(lines) + "\n"
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def main():
   try:
     ms = [int(m) for m in _M.value]
   except ValueError:
-    raise SystemExit(f"error: --m={_M.value} must be a list of positive integers") from None
+    raise ValueError(f"--m={_M.value} must be a list of positive integers") from None
   if not ms or min(ms) < 1:
-    raise SystemExit(f"error: --m={_M.value} must be a list of positive integers")
+    raise ValueError(f"--m={_M.value} must be a list of positive integers")
   if _ITERS.value < 1:
-    raise SystemExit(f"error: --iters={_ITERS.value} must be >= 1")
+    raise ValueError(f"--iters={_ITERS.value} must be >= 1")
+  info = bench_lib.machine_info()
   rows = run(ms, _DTYPE.value, _ITERS.value)
-  print(f"machine: {machine()}; backend {jax.default_backend()}; jax {jax.__version__}")
-  print("measured: median wall time per call; estimates: roofline lower bounds (not measured)")
-  print_table(rows)
-  if jax.default_backend() != "tpu":
-    print("pallas: n/a (the compiled kernel is TPU-only; this backend runs the XLA int8 path)")
-  os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
-  with open(_OUT.value, "w") as f:
-    json.dump(dict(machine=machine(), backend=jax.default_backend(), jax=jax.__version__,
-                   hardware_peaks=HARDWARE, rows=rows), f, indent=1)
-  print(f"wrote {_OUT.value}")
+  command = bench_lib.command_line("scripts.bench.matmul", ("m", "dtype", "iters", "out"))
+  result = dict(**info, command=command, hardware_peaks=HARDWARE, rows=rows)
+  bench_lib.write_results(os.path.splitext(_OUT.value)[0], result,
+                          markdown(rows, info, command))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli_lib.run(main)

@@ -17,20 +17,17 @@ Writes docs/bench_shared_prefix.{json,md}.
 
 from __future__ import annotations
 
-import json
-import os
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 import decoding
 import model
 from decoding import shared_prefix
+from scripts import cli_lib
+from scripts.bench import bench_lib
 
-MACHINE = "2-core CPU container, no accelerator"
 MODELS = {
     "bench-25m": model.get_preset("bench-25m", max_seq_len=8192),  # d=512, 8 layers
     "wide": model.ModelConfig(  # one d=2048 layer
@@ -46,6 +43,7 @@ _NEW = flags.DEFINE_integer("max_new_tokens", 64, "New tokens per sample.")
 _REPEATS = flags.DEFINE_integer("repeats", 2, "Timed repeats (best kept).")
 _MODELS = flags.DEFINE_list("models", list(MODELS), "Models (names in MODELS).")
 _OUT = flags.DEFINE_string("out", "docs/bench_shared_prefix", "Output path without extension.")
+FLAG_NAMES = ("models", "lengths", "n", "max_new_tokens", "repeats", "out")
 
 
 def _decode_seconds(cfg, params, prefix, last: int, n: int, new: int, repeats: int) -> float:
@@ -55,12 +53,7 @@ def _decode_seconds(cfg, params, prefix, last: int, n: int, new: int, repeats: i
   run = lambda: decoding.generate(params, [[last]] * n, decoder, sampler=sampler,
                                   max_new_tokens=new, cache=cache, key=jax.random.key(0))
   run()  # compile
-  best = np.inf
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(run().tokens)
-    best = min(best, time.perf_counter() - t0)
-  return best
+  return bench_lib.best_of(run, repeats)[0]
 
 
 def bench_model(name: str, cfg, lengths, n: int, new: int, repeats: int, log=print) -> list:
@@ -68,10 +61,8 @@ def bench_model(name: str, cfg, lengths, n: int, new: int, repeats: int, log=pri
   rng = np.random.RandomState(0)
   rows = []
   for p in lengths:
-    t0 = time.perf_counter()
-    prefix, last, _ = shared_prefix.prefill_prefix(cfg, params, rng.randint(0, 256, p))
-    jax.block_until_ready(prefix.k)
-    prefill_s = time.perf_counter() - t0
+    prefill_s, (prefix, last, _) = bench_lib.timed(
+        lambda: shared_prefix.prefill_prefix(cfg, params, rng.randint(0, 256, p)))
     shared = _decode_seconds(cfg, params, prefix, last, n, new, repeats)
     copied = prefix.take(jnp.zeros((n,), jnp.int32))
     naive = _decode_seconds(cfg, params, copied, last, n, new, repeats)
@@ -93,9 +84,9 @@ def bench_model(name: str, cfg, lengths, n: int, new: int, repeats: int, log=pri
   return rows
 
 
-def markdown(rows: list, command: str) -> str:
+def markdown(rows: list, info: dict, command: str) -> str:
   lines = ["# Shared-prefix (Hydragen) sampling vs naive batching", "",
-           f"Machine: {MACHINE}, jax {jax.__version__}. Command: `{command}`", "",
+           f"Machine: {info['machine']}, jax {info['jax']}. Command: `{command}`", "",
            f"N = {rows[0]['n']} samples of one prompt, {rows[0]['new_tokens']} new tokens each, "
            "temperature 1, batch decode throughput (prompt prefilled once for both; drop is "
            f"relative to P = {rows[0]['prompt_len']}). attn/matmul = the prompt's attention FLOPs "
@@ -112,30 +103,28 @@ def markdown(rows: list, command: str) -> str:
   return "\n".join(lines) + "\n"
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  lengths = [int(x) for x in _LENGTHS.value]
+def main():
+  try:
+    lengths = [int(x) for x in _LENGTHS.value]
+  except ValueError:
+    raise ValueError(f"--lengths={_LENGTHS.value} must be a list of integers") from None
   bad = [m for m in _MODELS.value if m not in MODELS]
   if bad:
-    raise SystemExit(f"error: --models={bad} unknown; valid: {sorted(MODELS)}")
+    raise ValueError(f"--models={bad} unknown; valid: {sorted(MODELS)}")
   for p in lengths:
     if not 2 <= p <= 8192 - _NEW.value:
-      raise SystemExit(f"error: --lengths value {p} must be in [2, {8192 - _NEW.value}]")
+      raise ValueError(f"--lengths value {p} must be in [2, {8192 - _NEW.value}]")
+  for name, flag in (("n", _N), ("max_new_tokens", _NEW), ("repeats", _REPEATS)):
+    if flag.value < 1:
+      raise ValueError(f"--{name}={flag.value} must be >= 1")
+  info = bench_lib.machine_info()
   rows = []
   for name in _MODELS.value:
     rows += bench_model(name, MODELS[name], lengths, _N.value, _NEW.value, _REPEATS.value)
-  command = (f"python -m scripts.bench.shared_prefix --models={','.join(_MODELS.value)} "
-             f"--lengths={','.join(_LENGTHS.value)} --n={_N.value} "
-             f"--max_new_tokens={_NEW.value} --repeats={_REPEATS.value} --out={_OUT.value}")
-  os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
-  with open(_OUT.value + ".json", "w") as f:
-    json.dump({"machine": MACHINE, "jax": jax.__version__, "rows": rows}, f, indent=2)
-  md = markdown(rows, command)
-  with open(_OUT.value + ".md", "w") as f:
-    f.write(md)
-  print(md)
+  command = bench_lib.command_line("scripts.bench.shared_prefix", FLAG_NAMES)
+  bench_lib.write_results(_OUT.value, {**info, "command": command, "rows": rows},
+                          markdown(rows, info, command))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli_lib.run(main)

@@ -18,19 +18,18 @@ from __future__ import annotations
 import functools
 import json
 import os
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 import decoding
 import model
 from decoding import early_exit, speculative
-from scripts import checkpoint_lib, data_lib, eval_lib
+from scripts import checkpoint_lib, cli_lib, data_lib, eval_lib
+from scripts.bench import bench_lib
 
-MACHINE = "2-core CPU container, no accelerator"
 _TARGET = flags.DEFINE_string("target_workdir", None, "Trained target checkpoint workdir.")
 _DRAFT = flags.DEFINE_string("draft_workdir", None, "Trained draft checkpoint workdir.")
 _EXIT = flags.DEFINE_string("exit_workdir", None, "Target + exit head (optional).")
@@ -41,6 +40,8 @@ _GAMMAS = flags.DEFINE_list("gammas", ["3", "5", "7"], "Fixed draft lengths to t
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats (best kept).")
 _OUT = flags.DEFINE_string("out", "docs/bench_speculative", "Output path without extension.")
 flags.mark_flags_as_required(["target_workdir", "draft_workdir"])
+FLAG_NAMES = ("target_workdir", "draft_workdir", "exit_workdir", "prompts", "prompt_len",
+              "max_new_tokens", "gammas", "repeats", "out")
 
 
 def _prompts(workdir: str, n: int, length: int) -> list[list[int]]:
@@ -62,15 +63,9 @@ def _forward_ms(cfg, params, t: int, exit_layer=None, steps: int = 32, ctx: int 
     return jax.lax.fori_loop(0, steps, body, (cache, jnp.zeros((1, 1), jnp.int32)))[1]
 
   cache = step.init_cache(1, min(512, cfg.max_seq_len)).with_lengths(jnp.array([ctx]))
-  jax.block_until_ready(loop(params, cache))
-  best = min(_timed(lambda: loop(params, cache)) for _ in range(5))
+  jax.block_until_ready(loop(params, cache))  # compile
+  best, _ = bench_lib.best_of(lambda: loop(params, cache), 5)
   return 1e3 * best / steps
-
-
-def _timed(fn) -> float:
-  t0 = time.perf_counter()
-  jax.block_until_ready(fn())
-  return time.perf_counter() - t0
 
 
 def run(target_workdir, draft_workdir, exit_workdir, *, n_prompts, prompt_len, max_new, gammas,
@@ -97,19 +92,7 @@ def run(target_workdir, draft_workdir, exit_workdir, *, n_prompts, prompt_len, m
       methods[f"self-spec (exit {exit_layer}), gamma={g}"] = functools.partial(
           lambda p, g: early_exit.self_speculative_decode(tcfg, ep, exit_layer, [p],
                                                           max_new_tokens=max_new, gamma=g), g=g)
-  for name, fn in methods.items():  # compile everything first
-    log(f"compiling {name}")
-    fn(prompts[0])
-  best = {name: [np.inf] * len(prompts) for name in methods}
-  outs = {}
-  for r in range(repeats):
-    for i, p in enumerate(prompts):
-      for name, fn in methods.items():
-        t0 = time.perf_counter()
-        out = fn(p)
-        best[name][i] = min(best[name][i], time.perf_counter() - t0)
-        outs[name, i] = out
-    log(f"repeat {r + 1}/{repeats}: greedy {sum(best['greedy']):.2f}s")
+  best, outs = bench_lib.interleaved(methods, prompts, repeats, log=log)
   rows = []
   base_s = sum(best["greedy"])
   ref = [np.asarray(outs["greedy", i].tokens[0]).tolist() for i in range(len(prompts))]
@@ -140,7 +123,7 @@ def run(target_workdir, draft_workdir, exit_workdir, *, n_prompts, prompt_len, m
   if exit_workdir:
     m = checkpoint_lib.load_meta(exit_workdir)
     exit_meta = {k: m[k] for k in ("exit_layer", "steps", "val_kl", "val_agree")}
-  return {"machine": MACHINE, "jax": jax.__version__, "prompts": len(prompts),
+  return {**bench_lib.machine_info(), "prompts": len(prompts),
           "prompt_len": prompt_len, "max_new_tokens": max_new, "greedy_tokens": tokens,
           "target": _model_info(target_workdir, tcfg, tp),
           "draft": _model_info(draft_workdir, dcfg, dp), "exit": exit_meta,
@@ -195,27 +178,24 @@ def markdown(res: dict, command: str) -> str:
   return "\n".join(lines)
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  gammas = [int(g) for g in _GAMMAS.value]
+def main():
+  try:
+    gammas = [int(g) for g in _GAMMAS.value]
+  except ValueError:
+    gammas = []
   if not gammas or min(gammas) < 1:
-    raise SystemExit(f"error: --gammas={_GAMMAS.value} must be integers >= 1")
+    raise ValueError(f"--gammas={_GAMMAS.value} must be integers >= 1")
+  for name, flag in (("prompts", _PROMPTS), ("prompt_len", _PROMPT_LEN),
+                     ("max_new_tokens", _NEW), ("repeats", _REPEATS)):
+    if flag.value < 1:
+      raise ValueError(f"--{name}={flag.value} must be >= 1")
   res = run(_TARGET.value, _DRAFT.value, _EXIT.value, n_prompts=_PROMPTS.value,
             prompt_len=_PROMPT_LEN.value, max_new=_NEW.value, gammas=gammas,
             repeats=_REPEATS.value)
-  names = ("target_workdir", "draft_workdir", "exit_workdir", "prompts", "repeats", "gammas")
-  value = lambda v: ",".join(v) if isinstance(v, list) else v
-  command = "python -m scripts.bench.speculative " + " ".join(
-      f"--{f}={value(flags.FLAGS[f].value)}" for f in names if flags.FLAGS[f].value)
-  os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
-  with open(_OUT.value + ".json", "w") as f:
-    json.dump(res, f, indent=2)
-  md = markdown(res, command)
-  with open(_OUT.value + ".md", "w") as f:
-    f.write(md)
-  print(md)
+  command = bench_lib.command_line("scripts.bench.speculative", FLAG_NAMES)
+  res["command"] = command
+  bench_lib.write_results(_OUT.value, res, markdown(res, command))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli_lib.run(main)

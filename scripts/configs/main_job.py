@@ -34,29 +34,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.ckpt.every = 300
   c.ckpt.keep = 2
 
-  c.prune = ml_collections.ConfigDict()
-  c.prune.recipe = "magnitude:0.5"
-  c.prune.finetune_steps = max(1, int(150 * scale))  # masked fine-tune; 0 disables
-  c.prune.finetune_lr = 1e-3
-  c.quant = ml_collections.ConfigDict()
-  c.quant.recipe = "int8"
-  c.eval = ml_collections.ConfigDict()
-  c.eval.split = "test"
-  c.eval.max_batches = 64  # 0: the whole split
-  c.decode = ml_collections.ConfigDict()
-  c.decode.prompt = "def fibonacci(n):\n    "
-  c.decode.max_new_tokens = 128
-  c.decode.temperature = 0.8
-  c.decode.top_p = 0.95
-  c.decode.num_samples = 4
-  c.decode.seed = 0
-  c.speculative = ml_collections.ConfigDict()
-  # Draft: a 1-layer d=64 model (~0.1M params) on the same corpus and byte tokenizer.
-  c.speculative.draft_model = ml_collections.ConfigDict(
-      dict(d_model=64, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=192))
-  c.speculative.draft_steps = max(1, int(400 * scale))  # 0 disables the stage
-  c.speculative.gamma = 4
-  c.speculative.schedule = "heuristic"  # adaptive gamma (up to 2 * gamma)
-  c.speculative.num_prompts = 4  # held-out test-split snippets, decoded one at a time
+  c.prune = ml_collections.ConfigDict(dict(
+      recipe="magnitude:0.5",
+      finetune_steps=max(1, int(150 * scale)),  # masked fine-tune; 0 disables
+      finetune_lr=1e-3))
+  c.quant = ml_collections.ConfigDict(dict(recipe="int8"))
+  c.eval = ml_collections.ConfigDict(dict(split="test", max_batches=64))  # 0: the whole split
+  c.decode = ml_collections.ConfigDict(dict(
+      prompt="def fibonacci(n):\n    ", max_new_tokens=128, temperature=0.8, top_p=0.95,
+      num_samples=4, seed=0))
+  c.speculative = ml_collections.ConfigDict(dict(
+      # Draft: a 1-layer d=64 model (~0.1M params) on the same corpus and byte tokenizer.
+      draft_model=dict(d_model=64, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=192),
+      draft_steps=max(1, int(400 * scale)),  # 0 disables the stage
+      gamma=4,
+      schedule="heuristic",  # adaptive gamma (up to 2 * gamma)
+      num_prompts=4))  # held-out test-split snippets, decoded one at a time
   c.lock()
   return c
