@@ -389,8 +389,9 @@ def _default_eval(model_cfg, params, batches, put_batch) -> dict:
 
 
 def _brief(rec: dict) -> str:
-  """The first two metrics of a record, for the progress line."""
-  return " ".join(f"{k} {v:.3f}" for k, v in list(rec.items())[:2])
+  """The loss and the loss function's first metric, for the progress line."""
+  names = ["loss"] + [k for k in rec if k not in ("loss", "grad_norm", "lr", "tokens_per_s")]
+  return " ".join(f"{k} {rec[k]:.3f}" for k in names[:2] if k in rec)
 
 
 def _check_init_params(params, abstract_model, hooks: Hooks) -> None:

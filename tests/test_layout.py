@@ -13,8 +13,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 ORDER = ["pallas_kernels", "model", "quant", "sparsity", "decoding", "scripts"]
 RANK = {p: i for i, p in enumerate(ORDER)}

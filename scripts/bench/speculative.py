@@ -121,8 +121,10 @@ def run(target_workdir, draft_workdir, exit_workdir, *, n_prompts, prompt_len, m
     forward[f"exit draft (layers < {exit_layer}) T=1"] = _forward_ms(tcfg, ep, 1, exit_layer)
   exit_meta = None
   if exit_workdir:
-    m = checkpoint_lib.load_meta(exit_workdir)
-    exit_meta = {k: m[k] for k in ("exit_layer", "steps", "val_kl", "val_agree")}
+    # Heads trained by the one trainer keep val metrics in summary.json; older runs in meta.
+    m = {**_summary(exit_workdir), **checkpoint_lib.load_meta(exit_workdir)}
+    exit_meta = {"exit_layer": m["exit_layer"], "steps": m.get("steps", m["step"]),
+                 "val_kl": m.get("val_kl"), "val_agree": m.get("val_agree")}
   return {**bench_lib.machine_info(), "prompts": len(prompts),
           "prompt_len": prompt_len, "max_new_tokens": max_new, "greedy_tokens": tokens,
           "target": _model_info(target_workdir, tcfg, tp),
@@ -131,13 +133,17 @@ def run(target_workdir, draft_workdir, exit_workdir, *, n_prompts, prompt_len, m
           "sample": bytes(t for t in ref[0] if t < 256).decode("utf-8", "replace")}
 
 
-def _model_info(workdir: str, cfg, params) -> dict:
-  summary = {}
+def _summary(workdir: str) -> dict:
   path = os.path.join(workdir, "summary.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      summary = json.load(f)
-  return {"workdir": workdir, "params": int(sum(x.size for x in jax.tree.leaves(params))),
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
+def _model_info(workdir: str, cfg, params) -> dict:
+  summary = _summary(workdir)
+  return {"workdir": workdir, "params": model.tree_size(params),
           "model_config": cfg.to_dict(), "train_steps": summary.get("step"),
           "val_bpb": summary.get("val_bpb")}
 
