@@ -3,7 +3,7 @@ r"""Speculative decoding vs plain greedy, batch 1, trained byte-level models.
 python -m scripts.bench.speculative --target_workdir=runs/spec_target \
     --draft_workdir=runs/spec_draft --exit_workdir=runs/spec_exit
 
-Models: scripts/configs/draft.py (:target and :draft, trained by scripts/train.py)
+Models: scripts/configs/train/draft.py (:target and :draft, trained by scripts/train.py)
 and the exit head of scripts/train_early_exit.py. Prompts are windows of the
 target's validation split. Every method runs each prompt greedily (batch 1),
 interleaved with the baseline (`decoding.generate`) so machine load hits both
@@ -160,7 +160,7 @@ def markdown(res: dict, command: str) -> str:
       f"Target: {desc(t)}. Draft: {desc(d)}. {res['prompts']} prompts of "
       f"{res['prompt_len']} bytes from the validation split, {res['max_new_tokens']} new "
       "tokens each, greedy; best of the repeats, methods interleaved.", "",
-      "Models: `python -m scripts.train --config=scripts/configs/draft.py:draft "
+      "Models: `python -m scripts.train --config=scripts/configs/train/draft.py:draft "
       "--workdir=runs/spec_draft`, the same with `:target` (`runs/spec_target`), and "
       "`python -m scripts.train_early_exit --target_workdir=runs/spec_target --exit_layer=1 "
       "--steps=80 --batch_size=4 --workdir=runs/spec_exit`.", "",
