@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from decoding import early_exit
-from scripts import checkpoint_lib, eval_lib, train_lib
+from scripts import checkpoint_lib, data_lib, eval_lib, train_lib
 
 
 def _eval(exit_layer, model_cfg, params, batches, put_batch) -> dict:
@@ -60,12 +60,19 @@ def train_exit_head(target_workdir: str, workdir: str, *, exit_layer: int, steps
       loss_fn=functools.partial(_loss, exit_layer=exit_layer),
       eval_fn=functools.partial(_eval, exit_layer), trainable=rf"^{early_exit.HEAD}/")
   c = config(target_workdir, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr)
+  if checkpoint_lib.has_checkpoint(workdir):  # resuming: the untrained head was measured
+    before = checkpoint_lib.load_meta(workdir)["before"]
+  else:
+    val = data_lib.eval_batches(data_lib.load_split(c.data, "val"), batch_size, seq_len,
+                                c.train.eval_batches)
+    before = _eval(exit_layer, cfg, params, list(val), lambda b: jax.tree.map(jax.numpy.asarray, b))
   result = train_lib.train_and_evaluate(
       c, workdir, init_params=params, hooks=hooks, model_cfg=cfg,
-      meta=dict(exit_layer=exit_layer, target_workdir=target_workdir))
-  s = result.summary
+      meta=dict(exit_layer=exit_layer, target_workdir=target_workdir, before=before))
+  s = dict(result.summary, **{f"val_{k}_before": v for k, v in before.items()})
   log(f"exit layer {exit_layer}/{n_layers}, head after {s['step']} steps: val KL "
-      f"{s['val_kl']:.3f}, greedy agreement {s['val_agree']:.3f}")
+      f"{before['kl']:.3f} -> {s['val_kl']:.3f}, greedy agreement {before['agree']:.3f} -> "
+      f"{s['val_agree']:.3f}")
   return s
 
 
