@@ -71,7 +71,7 @@ def pad_prompts(prompt_tokens, prompt_lengths=None, pad_id: int = 0
   return out, lens.astype(np.int32)
 
 
-def _check_step_fn(step_fn, name: str) -> None:
+def check_step_fn(step_fn, name: str) -> None:
   missing = [a for a in ("init_cache", "read_params", "n_heads", "head_dim", "n_layers",
                          "vocab_size") if not hasattr(step_fn, a)]
   if not callable(step_fn) or missing:
@@ -156,7 +156,7 @@ def prepare(step_fn, prompt_tokens, *, max_new_tokens: int, cache=None, prompt_l
   (default greedy), per-row keys, EOS and stop-sequence arrays and the prefill and
   buffer lengths.
   """
-  _check_step_fn(step_fn, "step_fn")
+  check_step_fn(step_fn, "step_fn")
   prompt_BP, lens_B = pad_prompts(prompt_tokens, prompt_lengths, pad_id)
   b = prompt_BP.shape[0]
   max_new_tokens = check_count("max_new_tokens", max_new_tokens)

@@ -138,7 +138,7 @@ def speculative_generate(target_params, draft_params, prompt_tokens, *, target_s
                         cache=target_cache, prompt_lengths=prompt_lengths, sampler=sampler,
                         key=key, eos_id=eos_id, stop_sequences=stop_sequences, pad_id=pad_id,
                         extra_slots=gamma_max, what=what)
-  request._check_step_fn(draft_step_fn, "draft_step_fn")
+  request.check_step_fn(draft_step_fn, "draft_step_fn")
   if draft_step_fn.vocab_size != target_step_fn.vocab_size:
     raise ValueError(f"draft vocabulary ({draft_step_fn.vocab_size} logits) differs from the "
                      f"target's ({target_step_fn.vocab_size}); both models need the same "
