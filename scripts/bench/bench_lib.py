@@ -80,6 +80,18 @@ def interleaved(methods: dict[str, Callable[[Any], T]], inputs: Sequence[Any], r
   return best, outs
 
 
+def int_list(flag: str, values: Sequence[str], *, minimum: int = 1) -> list[int]:
+  """A list flag's values as integers >= `minimum`, or a ValueError naming the flag."""
+  try:
+    out = [int(v) for v in values]
+  except ValueError:
+    out = []
+  if not out or min(out) < minimum:
+    raise ValueError(f"--{flag}={','.join(map(str, values))} must be a list of integers "
+                     f">= {minimum}")
+  return out
+
+
 def machine_info() -> dict[str, Any]:
   """What ran the benchmark: a one-line description, versions, backend, cores and load."""
   dev = jax.devices()[0]

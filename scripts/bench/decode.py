@@ -143,11 +143,10 @@ def _table(results, meta, command: str) -> str:
 
 
 def main():
-  batches = [int(b) for b in _BATCH.value]
-  lens = [int(p) for p in _PROMPT.value]
-  if min(batches) < 1 or min(lens) < 1 or _NEW.value < 2 or _REPEATS.value < 1:
-    raise ValueError(f"--batch={_BATCH.value} and --prompt_len={_PROMPT.value} must be >= 1, "
-                     f"--new_tokens={_NEW.value} >= 2, --repeats={_REPEATS.value} >= 1")
+  batches = bench_lib.int_list("batch", _BATCH.value)
+  lens = bench_lib.int_list("prompt_len", _PROMPT.value)
+  if _NEW.value < 2 or _REPEATS.value < 1:
+    raise ValueError(f"--new_tokens={_NEW.value} must be >= 2, --repeats={_REPEATS.value} >= 1")
   cfg = model.get_preset(_PRESET.value, param_dtype=_DTYPE.value, dtype=_DTYPE.value)
   if max(lens) + _NEW.value > cfg.max_seq_len:
     raise ValueError(f"--prompt_len={max(lens)} + --new_tokens={_NEW.value} exceeds "

@@ -101,12 +101,7 @@ def markdown(rows: list[dict], info: dict, command: str) -> str:
 
 
 def main():
-  try:
-    ms = [int(m) for m in _M.value]
-  except ValueError:
-    raise ValueError(f"--m={_M.value} must be a list of positive integers") from None
-  if not ms or min(ms) < 1:
-    raise ValueError(f"--m={_M.value} must be a list of positive integers")
+  ms = bench_lib.int_list("m", _M.value)
   if _ITERS.value < 1:
     raise ValueError(f"--iters={_ITERS.value} must be >= 1")
   info = bench_lib.machine_info()

@@ -104,10 +104,7 @@ def markdown(rows: list, info: dict, command: str) -> str:
 
 
 def main():
-  try:
-    lengths = [int(x) for x in _LENGTHS.value]
-  except ValueError:
-    raise ValueError(f"--lengths={_LENGTHS.value} must be a list of integers") from None
+  lengths = bench_lib.int_list("lengths", _LENGTHS.value)
   bad = [m for m in _MODELS.value if m not in MODELS]
   if bad:
     raise ValueError(f"--models={bad} unknown; valid: {sorted(MODELS)}")

@@ -185,12 +185,7 @@ def markdown(res: dict, command: str) -> str:
 
 
 def main():
-  try:
-    gammas = [int(g) for g in _GAMMAS.value]
-  except ValueError:
-    gammas = []
-  if not gammas or min(gammas) < 1:
-    raise ValueError(f"--gammas={_GAMMAS.value} must be integers >= 1")
+  gammas = bench_lib.int_list("gammas", _GAMMAS.value)
   for name, flag in (("prompts", _PROMPTS), ("prompt_len", _PROMPT_LEN),
                      ("max_new_tokens", _NEW), ("repeats", _REPEATS)):
     if flag.value < 1:

@@ -142,3 +142,10 @@ def test_command_line_spells_the_flags():
   fv(["prog", "--xs=3,5", "--nohf", "--out=/tmp/a b"])
   cmd = bench_lib.command_line("scripts.bench.x", ("xs", "hf", "workdir", "out"), fv)
   assert cmd == "python -m scripts.bench.x --xs=3,5 --hf=false --out='/tmp/a b'"
+
+
+def test_int_list_parses_or_names_the_flag():
+  assert bench_lib.int_list("m", ["1", "16"]) == [1, 16]
+  for bad in (["0"], ["x"], []):
+    with pytest.raises(ValueError, match="--m=.* must be a list of integers >= 1"):
+      bench_lib.int_list("m", bad)
