@@ -247,14 +247,15 @@ def attend(ctx: Context, layer: int, q_BTHD: Float[Array, "B T H Dh"],
                                    impl=impl, return_lse=True)
     out, _ = merge_partials(out_p.reshape(b, t, h, dh), lse_p.reshape(b, t, h), out_s, lse_s)
     return out, dataclasses.replace(ctx, cache=dataclasses.replace(cache, suffix=suffix))
-  if cache.batch == 1 and q_BTHD.shape[1] <= SPLIT_MAX_TOKENS:
+  split = cache.batch == 1 and q_BTHD.shape[1] <= SPLIT_MAX_TOKENS
+  if split:
     out = _attend_then_write(ctx, layer, q_BTHD, k_BTKD, v_BTKD, impl)
     # The writes must come after the reads for XLA to update the cache in place: a data
     # dependency on the attention output orders them (0 * finite = 0).
     dep = 0 * out[:1, :1, :1, :1].astype(k_BTKD.dtype)
     k_BTKD, v_BTKD = k_BTKD + dep, v_BTKD + dep
   cache = cache.with_layer(layer, *write_layer(cache, layer, k_BTKD, v_BTKD))
-  if cache.batch != 1 or q_BTHD.shape[1] > SPLIT_MAX_TOKENS:
+  if not split:
     out = cache_attention(q_BTHD, cache, layer, mask=ctx.mask, impl=impl)
   return out, dataclasses.replace(ctx, cache=cache)
 

@@ -160,20 +160,19 @@ def load_params(workdir: str, step: int | None = None, *, target=None,
   mgr = _reader(workdir)
   step = _pick_step(mgr, workdir, step)
   meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-  if target is None:
+  rebuild = target is None  # a given target already holds the QArrays
+  if rebuild:
     dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     paths, stored, treedef = flatten(mgr.item_metadata(step)["params"].tree, is_leaf=None)
     target = jax.tree_util.tree_unflatten(treedef, [
         jax.ShapeDtypeStruct(m.shape, m.dtype,
                              sharding=sharding(p, tuple(m.shape)) if sharding else dev)
         for p, m in zip(paths, stored, strict=True)])
-    params = mgr.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(target))).params
-    params = from_state_dict(params, meta.get("qarrays", {}))
-  else:
-    params = mgr.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(target))).params
+  params = mgr.restore(step, args=ocp.args.Composite(
+      params=ocp.args.StandardRestore(target))).params
   mgr.close()
+  if rebuild:
+    params = from_state_dict(params, meta.get("qarrays", {}))
   return params, meta, step
 
 

@@ -57,7 +57,7 @@ def train_exit_head(target_workdir: str, workdir: str, *, exit_layer: int, steps
   params, cfg, _ = checkpoint_lib.load_params(target_workdir)
   params = early_exit.with_exit_head(params, early_exit.init_exit_head(cfg, params))
   hooks = train_lib.Hooks(
-      loss_fn=functools.partial(_loss, exit_layer=exit_layer),
+      loss_fn=functools.partial(early_exit.distill_loss, exit_layer=exit_layer),
       eval_fn=functools.partial(_eval, exit_layer), trainable=rf"^{early_exit.HEAD}/")
   c = config(target_workdir, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr)
   if checkpoint_lib.has_checkpoint(workdir):  # resuming: the untrained head was measured
@@ -75,6 +75,3 @@ def train_exit_head(target_workdir: str, workdir: str, *, exit_layer: int, steps
       f"{s['val_agree']:.3f}")
   return s
 
-
-def _loss(model_cfg, params, batch, *, exit_layer):
-  return early_exit.distill_loss(model_cfg, params, batch, exit_layer=exit_layer)

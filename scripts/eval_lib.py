@@ -14,6 +14,7 @@ import ml_collections
 import optax
 
 from model import transformer
+from model.checkpoint import qarray_manifest
 from model.config import ModelConfig
 from model.tree import tree_nbytes
 from scripts import checkpoint_lib, data_lib
@@ -96,9 +97,8 @@ def evaluate_checkpoint(workdir: str, data=None, *, splits=("val", "test"),
   if data.seq_len > model_cfg.max_seq_len:
     raise ValueError(f"seq_len={data.seq_len} exceeds the checkpoint's "
                      f"max_seq_len={model_cfg.max_seq_len}")
-  meta = checkpoint_lib.load_meta(workdir, step)
   result = {"workdir": os.path.abspath(workdir), "step": step,
-            "param_bytes": tree_nbytes(params), "n_quantized": len(meta.get("qarrays", {})),
+            "param_bytes": tree_nbytes(params), "n_quantized": len(qarray_manifest(params)),
             "unigram_entropy_bits": data_lib.unigram_entropy_bits(data_lib.load_split(data,
                                                                                       "train"))}
   for s in splits:

@@ -84,10 +84,11 @@ def run(target_workdir, draft_workdir, exit_workdir, *, n_prompts, prompt_len, m
   g_max = max(gammas)
   methods[f"draft, adaptive (gamma_max={g_max})"] = lambda p: spec(
       [p], gamma=2, gamma_max=g_max, schedule="heuristic")
-  exit_layer = None
+  exit_layer, exit_meta = None, None
   if exit_workdir:
     ep = early_exit.from_legacy(checkpoint_lib.load_params(exit_workdir)[0])
-    exit_layer = int(checkpoint_lib.load_meta(exit_workdir)["exit_layer"])
+    exit_meta = checkpoint_lib.load_meta(exit_workdir)
+    exit_layer = int(exit_meta["exit_layer"])
     for g in gammas:
       methods[f"self-spec (exit {exit_layer}), gamma={g}"] = functools.partial(
           lambda p, g: early_exit.self_speculative_decode(tcfg, ep, exit_layer, [p],
@@ -119,10 +120,9 @@ def run(target_workdir, draft_workdir, exit_workdir, *, n_prompts, prompt_len, m
     forward[f"target T={g + 1}"] = _forward_ms(tcfg, tp, g + 1)
   if exit_layer:
     forward[f"exit draft (layers < {exit_layer}) T=1"] = _forward_ms(tcfg, ep, 1, exit_layer)
-  exit_meta = None
   if exit_workdir:
     # Heads trained by the one trainer keep val metrics in summary.json; older runs in meta.
-    m = {**_summary(exit_workdir), **checkpoint_lib.load_meta(exit_workdir)}
+    m = {**_summary(exit_workdir), **exit_meta}
     exit_meta = {"exit_layer": m["exit_layer"], "steps": m.get("steps", m["step"]),
                  "val_kl": m.get("val_kl"), "val_agree": m.get("val_agree")}
   return {**bench_lib.machine_info(), "prompts": len(prompts),
