@@ -10,6 +10,8 @@ from model.attention import (
 from model.config import PRESETS, ModelConfig, RopeScaling, get_preset
 from model.decoder import Decoder
 from model.kv_cache import KVCache, PrefixCache, init_cache
+from model.nm_array import NMArray, compress_nm, is_nmarray
+from model.nm_array import decompress as decompress_nm
 from model.qarray import QArray
 from model.tokenizer import ByteTokenizer, Tokenizer, get_tokenizer
 from model.transformer import (
@@ -20,14 +22,15 @@ from model.transformer import (
     param_shapes,
     unembed,
 )
-from model.tree import flatten, match_rules, path_str, tree_nbytes, tree_size
+from model.tree import flatten, is_weight_leaf, match_rules, path_str, tree_nbytes, tree_size
 
 count_params = tree_size  # logical parameters: an int4 tree counts as its float original
 
 __all__ = [
-    "AttentionMask", "ByteTokenizer", "Decoder", "KVCache", "ModelConfig", "PRESETS",
+    "AttentionMask", "ByteTokenizer", "Decoder", "KVCache", "ModelConfig", "NMArray", "PRESETS",
     "PrefixCache", "QArray", "RopeScaling", "Tokenizer", "Transformer", "apply", "attention",
-    "cache_attention", "cache_layout", "count_params", "flatten", "get_preset", "get_tokenizer",
-    "hidden_states", "init", "init_cache", "match_rules", "merge_partials", "param_shapes",
-    "path_str", "tree_nbytes", "tree_size", "unembed",
+    "cache_attention", "cache_layout", "compress_nm", "count_params", "decompress_nm", "flatten",
+    "get_preset", "get_tokenizer", "hidden_states", "init", "init_cache", "is_nmarray",
+    "is_weight_leaf", "match_rules", "merge_partials", "param_shapes", "path_str", "tree_nbytes",
+    "tree_size", "unembed",
 ]

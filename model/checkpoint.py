@@ -2,14 +2,17 @@
 
 Layout of a workdir (an orbax CheckpointManager; saves are atomic: orbax writes a
 temporary folder and renames it, so an interrupted save never shadows the last one):
-  checkpoints/<step>/params     the tree (StandardSave; a QArray as {values, scale[, zero]})
-  checkpoints/<step>/meta       JSON: {"step", "qarrays": manifest, "model_config"?, ...}
+  checkpoints/<step>/params     the tree (StandardSave; a QArray as {values, scale[, zero]},
+                                an NMArray as {values, indices}, values possibly a QArray)
+  checkpoints/<step>/meta       JSON: {"step", "qarrays", "nmarrays", "model_config"?, ...}
   checkpoints/<step>/opt_state  optimizer state  } train checkpoints only
   checkpoints/<step>/data       iterator state   } (scripts.train_lib)
   model_config.json             the ModelConfig of the latest save, when one is given
-`meta["qarrays"]` holds the static fields of every QArray leaf, so a quantized tree
-loads without knowing its structure in advance. `quant.save` / `quant.restore`
-and the scripts write and read exactly this.
+`meta["qarrays"]` holds the static fields of every QArray (the quantized values of
+an NMArray at `.../kernel/values`) and `meta["nmarrays"]` those of every NMArray
+(n, m, shape, dtype), so a quantized or N:M compressed tree loads without knowing its
+structure in advance; checkpoints without "nmarrays" (older ones) hold no NMArray.
+`quant.save` / `quant.restore` and the scripts write and read exactly this.
 """
 
 from __future__ import annotations
@@ -22,34 +25,63 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from model.config import ModelConfig
+from model.nm_array import NMArray, is_nmarray
+from model.nm_array import check as check_nmarray
 from model.qarray import QArray, is_qarray
-from model.tree import flatten
+from model.tree import flatten, is_weight_leaf
 
 CKPT_SUBDIR = "checkpoints"
 ITEMS = ("params", "opt_state", "data", "meta")
 
 
 def qarray_manifest(params) -> dict[str, dict]:
-  """JSON-able static fields of every QArray leaf, keyed by param path."""
-  paths, leaves, _ = flatten(params)
+  """JSON-able static fields of every QArray (inside NMArrays too), keyed by param path."""
+  paths, leaves, _ = flatten(params, is_leaf=is_qarray)  # an NMArray's are `.../values`
   return {p: dict(shape=list(q.shape), bits=q.bits, fmt=q.fmt, group_size=q.group_size,
                   dtype=jnp.dtype(q.dtype).name)
           for p, q in zip(paths, leaves, strict=True) if is_qarray(q)}
 
 
+def nmarray_manifest(params) -> dict[str, dict]:
+  """JSON-able static fields (n, m, shape, dtype) of every NMArray leaf, keyed by param path."""
+  paths, leaves, _ = flatten(params, is_leaf=is_nmarray)
+  return {p: dict(n=a.n, m=a.m, shape=list(a.shape), dtype=jnp.dtype(a.dtype).name)
+          for p, a in zip(paths, leaves, strict=True) if is_nmarray(a)}
+
+
 def to_state_dict(params) -> tuple[dict, dict]:
-  """(the tree with every QArray as {values, scale[, zero]}, the QArray manifest)."""
-  def conv(q):
-    if not is_qarray(q):
-      return q
-    d = dict(values=q.values, scale=q.scale)
-    return d if q.zero is None else dict(d, zero=q.zero)
-  return jax.tree.map(conv, params, is_leaf=is_qarray), qarray_manifest(params)
+  """(the tree with plain dicts for QArray / NMArray leaves, the QArray manifest).
+
+  A QArray becomes {values, scale[, zero]}, an NMArray {values, indices} (its values
+  converted likewise). Rebuilding NMArrays also needs `nmarray_manifest(params)`.
+  """
+  def conv(x):
+    if is_nmarray(x):
+      return dict(values=conv(x.values), indices=x.indices)
+    if not is_qarray(x):
+      return x
+    d = dict(values=x.values, scale=x.scale)
+    return d if x.zero is None else dict(d, zero=x.zero)
+  return jax.tree.map(conv, params, is_leaf=is_weight_leaf), qarray_manifest(params)
 
 
-def from_state_dict(state: dict, manifest: dict):
-  """Inverse of `to_state_dict`: rebuilds QArray leaves at the paths the manifest names."""
+def from_state_dict(state: dict, manifest: dict, nm_manifest: dict | None = None):
+  """Inverse of `to_state_dict`: rebuilds QArray / NMArray leaves at the paths the manifests name.
+
+  manifest: `qarray_manifest` of the saved tree; nm_manifest: its `nmarray_manifest`
+  (None or {}: the tree holds no NMArray, as in checkpoints written before NMArrays).
+  """
+  nm_manifest = nm_manifest or {}
+
   def rebuild(node, prefix):
+    if prefix in nm_manifest:
+      e = nm_manifest[prefix]
+      if not isinstance(node, dict) or set(node) != {"values", "indices"}:
+        raise ValueError(f"state at {prefix!r} is not a stored NMArray (keys values/indices)")
+      a = NMArray(values=rebuild(node["values"], f"{prefix}/values"), indices=node["indices"],
+                  n=int(e["n"]), m=int(e["m"]), shape=tuple(e["shape"]),
+                  dtype=jnp.dtype(e["dtype"]))
+      return check_nmarray(a, f"stored NMArray at {prefix!r}")
     if prefix in manifest:
       m = manifest[prefix]
       if not isinstance(node, dict) or not {"values", "scale"} <= set(node):
@@ -64,6 +96,9 @@ def from_state_dict(state: dict, manifest: dict):
   missing = set(manifest) - set(qarray_manifest(out))
   if missing:
     raise ValueError(f"QArray metadata names paths absent from the state: {sorted(missing)}")
+  missing = set(nm_manifest) - set(nmarray_manifest(out))
+  if missing:
+    raise ValueError(f"NMArray metadata names paths absent from the state: {sorted(missing)}")
   return out
 
 
@@ -81,7 +116,8 @@ def manager(workdir: str, keep: int | None = None, create: bool = True) -> ocp.C
 def save(mgr: ocp.CheckpointManager, step: int, params, *, model_cfg: ModelConfig | None = None,
          meta: dict | None = None, opt_state=None, data_state: dict | None = None) -> None:
   """Saves one checkpoint: params + meta, and opt_state / data state when given."""
-  full_meta = {"step": int(step), "qarrays": qarray_manifest(params), **(meta or {})}
+  full_meta = {"step": int(step), "qarrays": qarray_manifest(params),
+               "nmarrays": nmarray_manifest(params), **(meta or {})}
   if model_cfg is not None:
     full_meta["model_config"] = model_cfg.to_dict()
   items = {"params": ocp.args.StandardSave(params), "meta": ocp.args.JsonSave(full_meta)}
@@ -151,16 +187,17 @@ def load_meta(workdir: str, step: int | None = None) -> dict:
 
 def load_params(workdir: str, step: int | None = None, *, target=None,
                 sharding=None) -> tuple[dict, dict, int]:
-  """(params with QArray leaves rebuilt, meta, step) of a checkpoint (latest by default).
+  """(params with QArray / NMArray leaves rebuilt, meta, step) of a checkpoint (latest default).
 
-  target: an abstract tree (e.g. `quant.abstract_quantize`, possibly with shardings)
-    restored into directly. sharding: `(path, shape) -> Sharding` placing each array
-    otherwise (default: the first device).
+  target: an abstract tree (e.g. `quant.abstract_quantize`, or one with
+    `model.nm_array.abstract_compress_nm` leaves; possibly with shardings) restored into
+    directly. sharding: `(path, shape) -> Sharding` placing each array otherwise
+    (default: the first device).
   """
   mgr = _reader(workdir)
   step = _pick_step(mgr, workdir, step)
   meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-  rebuild = target is None  # a given target already holds the QArrays
+  rebuild = target is None  # a given target already holds the QArrays / NMArrays
   if rebuild:
     dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     paths, stored, treedef = flatten(mgr.item_metadata(step)["params"].tree, is_leaf=None)
@@ -172,7 +209,7 @@ def load_params(workdir: str, step: int | None = None, *, target=None,
       params=ocp.args.StandardRestore(target))).params
   mgr.close()
   if rebuild:
-    params = from_state_dict(params, meta.get("qarrays", {}))
+    params = from_state_dict(params, meta.get("qarrays", {}), meta.get("nmarrays", {}))
   return params, meta, step
 
 

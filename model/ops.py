@@ -1,8 +1,15 @@
 """The one dispatch point for weight use.
 
 Every matmul against a parameter goes through `dot` (or `einsum`). A weight
-may be a plain array, or a `model.qarray.QArray`; sparse formats plug in here later.
-This module is the only place that may call a low-bit Pallas kernel.
+may be a plain array, a `model.qarray.QArray`, or a `model.nm_array.NMArray` (N:M
+compressed, its values plain or a QArray). This module is the only place that may
+call a low-bit Pallas kernel.
+
+NMArray ("load as sparse, compute as dense"): on CPU the kernel is expanded to its
+dense `[in, out]` form (values dequantized at their compressed size, then placed by
+their packed in-group indices) and enters an ordinary dot; that dense copy is the only
+one. Accelerators would take a sparse kernel here instead (2:4 sparse tensor cores
+consume the compressed values and 2-bit indices directly).
 """
 
 from __future__ import annotations
@@ -10,6 +17,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from model.nm_array import NMArray
+from model.nm_array import decompress as decompress_nm
 from model.qarray import QArray, codes, dequantize
 from pallas_kernels import api as kernels
 
@@ -19,16 +28,20 @@ def dot(x: Float[Array, "... In"], w, *, impl: str = "xla", dtype=None) -> Float
   dtype = dtype or x.dtype
   if isinstance(w, QArray):
     return _qdot(x, w, impl=impl, dtype=dtype)
+  if isinstance(w, NMArray):
+    w = decompress_nm(w, dtype)  # see the module docstring: dense on CPU
   x = x.astype(dtype)
   y = jnp.matmul(x, w.astype(dtype), preferred_element_type=jnp.float32)
   return y.astype(dtype)
 
 
 def einsum(eq: str, x: Array, w, *, dtype=None) -> Array:
-  """Einsum against a weight (QArray leaves are dequantized first)."""
+  """Einsum against a weight (QArray leaves dequantized, NMArray leaves decompressed first)."""
   dtype = dtype or x.dtype
   if isinstance(w, QArray):
     w = dequantize(w, dtype)
+  elif isinstance(w, NMArray):
+    w = decompress_nm(w, dtype)
   return jnp.einsum(eq, x.astype(dtype), w.astype(dtype),
                     preferred_element_type=jnp.float32).astype(dtype)
 

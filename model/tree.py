@@ -1,13 +1,16 @@
 """The param tree's vocabulary: path names, flattening, the one rule matcher, sizes.
 
 Paths join pytree keys with "/" (`layers_3/attn/q/kernel`; the arrays inside a
-QArray are `.../kernel/values`, optimizer moments `.../mu/layers_3/...`). Every
+QArray are `.../kernel/values`, of an NMArray `.../kernel/indices` and `.../kernel/values`
+(`.../kernel/values/scale` when quantized), optimizer moments `.../mu/layers_3/...`). Every
 `(regex, spec)` rule list in sparq (sparsity, quant, sharding) goes through
 `match_rules`: user rules before a package's defaults, first `re.search` match
 wins, and a user rule that wins no path is an error that says whether it matched
-nothing or was shadowed by earlier rules. Sizes: `tree_size` counts logical
-parameters (a packed int4 QArray counts what it dequantizes to) and `tree_nbytes`
-the bytes as stored (packed codes + scales).
+nothing or was shadowed by earlier rules. Weight leaves (`is_weight_leaf`: a QArray
+or an NMArray, whose values may themselves be a QArray) are single leaves for
+`flatten` and the sizes. Sizes: `tree_size` counts logical parameters (a packed int4
+QArray counts what it dequantizes to, a 2:4 NMArray its dense shape) and
+`tree_nbytes` the bytes as stored (packed codes + scales, kept values + packed indices).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from model.nm_array import is_nmarray
 from model.qarray import is_qarray
 
 Rules = Sequence[tuple[str, Any]]
@@ -37,8 +41,13 @@ def path_str(key_path) -> str:
   return "/".join(parts)
 
 
-def flatten(tree, is_leaf=is_qarray) -> tuple[list[str], list[Any], Any]:
-  """(paths, leaves, treedef) in tree-flatten order; QArrays are leaves by default."""
+def is_weight_leaf(x) -> bool:
+  """Whether `x` is a transformed weight kept whole by tree code (a QArray or an NMArray)."""
+  return is_qarray(x) or is_nmarray(x)
+
+
+def flatten(tree, is_leaf=is_weight_leaf) -> tuple[list[str], list[Any], Any]:
+  """(paths, leaves, treedef) in tree-flatten order; QArrays and NMArrays are leaves by default."""
   leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
   return [path_str(p) for p, _ in leaves_with_path], [x for _, x in leaves_with_path], treedef
 
@@ -97,22 +106,22 @@ def match_rules(paths: Sequence[str], rules: Rules = (), defaults: Rules = (), *
 
 
 def leaf_size(x) -> int:
-  """Logical number of values of a leaf (a QArray counts its dequantized shape)."""
+  """Logical number of values of a leaf (a QArray / NMArray counts its dense shape)."""
   return int(np.prod(x.shape))
 
 
 def leaf_nbytes(x) -> int:
-  """Bytes a leaf occupies as stored (QArray: packed codes + scales + zero points)."""
-  if is_qarray(x):
+  """Bytes a leaf occupies as stored (QArray: codes + scales + zeros; NMArray: values + indices)."""
+  if is_weight_leaf(x):
     return x.nbytes
   return leaf_size(x) * np.dtype(x.dtype).itemsize
 
 
 def tree_size(tree) -> int:
-  """Logical parameter count of a tree (arrays, ShapeDtypeStructs or QArrays)."""
-  return sum(leaf_size(x) for x in jax.tree.leaves(tree, is_leaf=is_qarray))
+  """Logical parameter count of a tree (arrays, ShapeDtypeStructs, QArrays or NMArrays)."""
+  return sum(leaf_size(x) for x in jax.tree.leaves(tree, is_leaf=is_weight_leaf))
 
 
 def tree_nbytes(tree) -> int:
-  """Bytes a tree occupies as stored, honest for packed QArray leaves."""
-  return sum(leaf_nbytes(x) for x in jax.tree.leaves(tree, is_leaf=is_qarray))
+  """Bytes a tree occupies as stored, honest for packed QArray and NMArray leaves."""
+  return sum(leaf_nbytes(x) for x in jax.tree.leaves(tree, is_leaf=is_weight_leaf))

@@ -13,8 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from model import nm_array
 from model.qarray import QArray, dequantize, is_qarray
-from model.tree import flatten, leaf_nbytes, match_rules, tree_nbytes
+from model.tree import flatten, is_weight_leaf, leaf_nbytes, match_rules, tree_nbytes
 from quant.recipes import QuantSpec, as_spec, default_rules
 from quant.rtn import _check_args, quantize_tensor
 
@@ -53,22 +54,32 @@ def quantize(params, spec, *, rules=(), calib=None, key=None) -> tuple[dict, dic
     if s is None:
       out.append(w)
       continue
-    q = quantize_tensor(w, **s.tensor_kwargs())
-    rel, max_abs = (float(v) for v in _errors(w, q))
+    if nm_array.is_nmarray(w):
+      # N:M compressed kernel: quantize its kept values (sparse x quantized, e.g. 2:4 + int4).
+      q = nm_array.with_values(w, quantize_tensor(w.values, **s.tensor_kwargs()))
+      rel, max_abs = (float(v) for v in _errors(w.values, q.values))
+    else:
+      q = quantize_tensor(w, **s.tensor_kwargs())
+      rel, max_abs = (float(v) for v in _errors(w, q))
     layers[path] = dict(spec=s.name, shape=list(w.shape), dtype=str(jnp.dtype(w.dtype)),
                         bytes_before=leaf_nbytes(w), bytes_after=leaf_nbytes(q),
                         rel_fro_err=rel, max_abs_err=max_abs)
     out.append(q)
-  new_params = jax.tree.unflatten(jax.tree.structure(params, is_leaf=is_qarray), out)
+  new_params = jax.tree.unflatten(jax.tree.structure(params, is_leaf=is_weight_leaf), out)
   return new_params, _report(spec, rules, params, new_params, layers)
 
 
 def abstract_quantize(abstract_params, spec, *, rules=()):
   """The quantized tree's shapes/dtypes (an orbax restore target) without any compute."""
   _, specs, leaves = plan(abstract_params, spec, rules=rules)
-  qt = lambda w, s: jax.eval_shape(lambda x: quantize_tensor(x, **s.tensor_kwargs()), w)
+  def qt(w, s):
+    if nm_array.is_nmarray(w):
+      return nm_array.with_values(w, jax.eval_shape(
+          lambda x: quantize_tensor(x, **s.tensor_kwargs()), w.values))
+    return jax.eval_shape(lambda x: quantize_tensor(x, **s.tensor_kwargs()), w)
+
   out = [w if s is None else qt(w, s) for s, w in zip(specs, leaves, strict=True)]
-  return jax.tree.unflatten(jax.tree.structure(abstract_params, is_leaf=is_qarray), out)
+  return jax.tree.unflatten(jax.tree.structure(abstract_params, is_leaf=is_weight_leaf), out)
 
 
 def _split(spec, rules) -> tuple[QuantSpec | None, list]:
@@ -90,6 +101,10 @@ def _check_leaf(path, leaf, s: QuantSpec):
   where = f"quant spec {s.name!r} selects {path!r}"
   if is_qarray(leaf):
     raise ValueError(f"{where}, which is already quantized ({leaf!r})")
+  if nm_array.is_nmarray(leaf):
+    if is_qarray(leaf.values):
+      raise ValueError(f"{where}, an N:M compressed kernel whose values are already quantized")
+    leaf = leaf.values  # the kept values [in * n / m, out] are what gets quantized
   if len(leaf.shape) != 2:
     raise ValueError(f"{where} with shape {tuple(leaf.shape)}; only 2-D [in, out] kernels "
                      "can be quantized")
