@@ -18,7 +18,8 @@ import numpy as np
 import model
 import quant
 import sparsity
-from scripts import checkpoint_lib, data_lib, eval_lib, sweep_lib
+from model.calibration import Calibration
+from scripts import checkpoint_lib, data_lib, eval_lib, prune_lib, sweep_lib
 
 NONE = "none"  # no pruning / no quantization
 KEY_FIELDS = ("prune", "quant")
@@ -27,7 +28,7 @@ COLUMNS = ("prune", "quant", "bits", "bpb", "bpb_delta", "param_bytes", "nonzero
 FORMATS = {"bpb": ".4f", "bpb_delta": "+.4f", "sparsity_achieved": ".4f"}
 HEADERS = {"bpb_delta": "vs dense float", "sparsity_achieved": "achieved sparsity (pruned kernels)"}
 # The run's settings that change every point's numbers: a resumed sweep must match them.
-RESUME_FIELDS = ("source", "data", "eval", "seed")
+RESUME_FIELDS = ("source", "data", "eval", "seed", "calib_seqs")
 
 
 def _unique(values, name: str) -> None:
@@ -49,9 +50,6 @@ def validate(config) -> list[dict]:
     if m not in sparsity.PRUNE_METHODS:
       raise ValueError(f"config.grid.prune_methods: unknown pruning method {m!r}; valid: "
                        f"{sorted(sparsity.PRUNE_METHODS)}")
-    if sparsity.PRUNE_METHODS[m].needs_calib:
-      raise ValueError(f"config.grid.prune_methods: {m!r} needs calibration data, which this "
-                       "sweep does not provide")
   if methods and not sparsities:
     raise ValueError(f"config.grid.sparsities=() is empty but prune_methods={methods!r}")
   _unique(methods, "prune_methods")
@@ -67,6 +65,15 @@ def validate(config) -> list[dict]:
       except ValueError as e:
         raise ValueError(f"config.grid.sparsities: {e}") from None
       prunes.append((recipe, m, float(s)))
+    for nm in g.nm:
+      recipe = f"{m}:{nm}"
+      try:
+        _, kw = sparsity.parse_recipe(recipe)
+      except ValueError as e:
+        raise ValueError(f"config.grid.nm: {e}") from None
+      if "n" not in kw:
+        raise ValueError(f"config.grid.nm: {nm!r} is not N:M (e.g. '2:4')")
+      prunes.append((recipe, f"{m} N:M", 1.0 - kw["n"] / kw["m"]))
   if not prunes:
     raise ValueError("config.grid has no prune settings (dense=False and no prune_methods)")
   if not g.quant_recipes:
@@ -81,6 +88,8 @@ def validate(config) -> list[dict]:
   mb = config.eval.max_batches
   if not isinstance(mb, int) or isinstance(mb, bool) or mb < 0:
     raise ValueError(f"config.eval.max_batches={mb!r} must be an int >= 0 (0: the whole split)")
+  if not isinstance(config.calib_seqs, int) or config.calib_seqs < 1:
+    raise ValueError(f"config.calib_seqs={config.calib_seqs!r} must be an int >= 1")
   if not isinstance(config.seed, int):
     raise ValueError(f"config.seed={config.seed!r} must be an int")
   return [dict(prune=p, method=m, sparsity=s, quant=q) for p, m, s in prunes for q in quants]
@@ -101,15 +110,20 @@ def _check_resume(workdir: str, settings: dict) -> None:
                      "use a new --workdir")
 
 
-def _evaluator(config, params, model_cfg, data):
+def _evaluator(config, params, model_cfg, data, points):
   key = jax.random.key(config.seed)
+  calib = None
+  if any(p["prune"] != NONE and prune_lib.needs_calibration(p["prune"]) for p in points):
+    calib = Calibration(model_cfg, data_lib.calibration_batches(
+        data, config.calib_seqs, data.seq_len, seed=config.seed))
   float_bits = np.dtype(model_cfg.param_dtype).itemsize * 8
 
   def evaluate(point: dict) -> dict:
     t0 = time.perf_counter()
     pruned, achieved = params, 0.0
     if point["prune"] != NONE:
-      pruned, report = sparsity.prune(params, point["prune"], key=key)
+      pruned, report = sparsity.prune(params, point["prune"], key=key, calib=calib,
+                                      cfg=model_cfg)
       achieved = report["totals"]["masked_sparsity"]
     final, bits = pruned, float_bits
     if point["quant"] != NONE:
@@ -171,13 +185,14 @@ def run(config, workdir: str) -> dict:
                      f"max_seq_len={model_cfg.max_seq_len}")
   settings = {"source": {"path": os.path.abspath(config.source), "step": step},
               "data": data.to_dict(), "eval": config.eval.to_dict(), "seed": config.seed,
+              "calib_seqs": config.calib_seqs,
               "config": config.to_dict()}
   _check_resume(workdir, settings)
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     json.dump(settings, f, indent=2)
   calls = []
-  evaluate = _evaluator(config, params, model_cfg, data)
+  evaluate = _evaluator(config, params, model_cfg, data, points)
   counted = lambda point: calls.append(point) or evaluate(point)
   rows = sweep_lib.run_grid(points, counted, os.path.join(workdir, "results.jsonl"),
                             key_fields=KEY_FIELDS)

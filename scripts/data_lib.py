@@ -299,3 +299,38 @@ def eval_batches(stream: TokenStream, batch_size: int, seq_len: int,
     rows = np.arange(b * batch_size, (b + 1) * batch_size, dtype=np.int64)
     starts = np.where(rows < n_rows, rows * seq_len, len(stream))
     yield pack_rows(stream, starts, seq_len)
+
+
+def calibration_batches(data, n_seqs: int, seq_len: int, *, seed: int = 0,
+                        batch_size: int = 8, tokenizer=None) -> list[dict[str, np.ndarray]]:
+  """`n_seqs` random windows of the train split for one-shot compression (as upstream: C4).
+
+  Byte tokenizer (default): rows of the packed stream with segment ids (0 = padding).
+  Another tokenizer (a model imported from Hugging Face): each window's bytes are
+  decoded as UTF-8 and re-encoded, and rows shorter than `seq_len` are padded
+  with segment 0. Batches of `batch_size` rows (the last one may be smaller).
+  """
+  for name, v in (("n_seqs", n_seqs), ("seq_len", seq_len), ("batch_size", batch_size)):
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+      raise ValueError(f"calibration {name}={v!r} must be a positive integer")
+  stream = load_split(data, "train")
+  byte_len = seq_len if tokenizer is None else 6 * seq_len
+  if len(stream) <= byte_len:
+    raise ValueError(f"calibration seq_len={seq_len} exceeds the train split "
+                     f"({len(stream)} tokens)")
+  rng = np.random.default_rng([seed, 17])
+  starts = rng.integers(0, len(stream) - byte_len, size=n_seqs)
+  if tokenizer is None:
+    rows = pack_rows(stream, starts, seq_len)
+    rows = {"tokens": rows["tokens"], "segment_ids": rows["segment_ids"]}
+  else:
+    tokens = np.zeros((n_seqs, seq_len), np.int32)
+    seg = np.zeros((n_seqs, seq_len), np.int32)
+    for i, s in enumerate(starts):
+      raw = stream.tokens[s:s + byte_len]
+      text = bytes(int(b) for b in raw if b < 256).decode("utf-8", errors="ignore")
+      ids = tokenizer.encode(text)[:seq_len]
+      tokens[i, :len(ids)], seg[i, :len(ids)] = ids, 1
+    rows = {"tokens": tokens, "segment_ids": seg}
+  return [{k: v[i:i + batch_size] for k, v in rows.items()}
+          for i in range(0, n_seqs, batch_size)]

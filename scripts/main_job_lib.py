@@ -16,7 +16,8 @@ import model
 import quant
 import sparsity
 from decoding import speculative
-from scripts import checkpoint_lib, data_lib, eval_lib, train_lib
+from model.calibration import Calibration
+from scripts import checkpoint_lib, data_lib, eval_lib, prune_lib, train_lib
 
 
 def _eval(cfg, params, config) -> dict:
@@ -125,10 +126,65 @@ def _derived(config, **sections):
   return out
 
 
+def _prune_stage(cfg, float_params, config, workdir: str):
+  """Every recipe of config.prune (+ masked fine-tunes, + the structured shrink).
+
+  Returns (the first recipe's final params, {variant: (cfg, params)}, report section).
+  """
+  pc = config.prune
+  calib = None
+  if any(prune_lib.needs_calibration(r) for r in (*pc.recipes, pc.structured) if r):
+    batches = data_lib.calibration_batches(config.data, pc.calib_seqs, config.data.seq_len,
+                                           seed=config.train.seed)
+    calib = Calibration(cfg, batches)
+  variants, section, first = {}, {}, None
+  for i, recipe in enumerate(pc.recipes):
+    t0 = time.perf_counter()
+    pruned, masks, rep = sparsity.prune_with_masks(float_params, recipe, calib=calib, cfg=cfg,
+                                                   key=jax.random.key(config.train.seed))
+    secs = time.perf_counter() - t0
+    variants[f"pruned {recipe}"] = (cfg, pruned)
+    out_dir = os.path.join(workdir, "pruned" if i == 0 else f"pruned_{_slug(recipe)}")
+    if recipe in pc.finetune and pc.finetune_steps:
+      n = pc.finetune_steps
+      ft = _derived(config, train=dict(steps=n, eval_every=0), ckpt=dict(every=n),
+                    opt=dict(lr=pc.finetune_lr, warmup_steps=min(20, n)))
+      hooks = train_lib.Hooks(wrap_optimizer=functools.partial(sparsity.masked, masks=masks))
+      pruned = train_lib.train_and_evaluate(ft, out_dir, init_params=pruned, hooks=hooks).params
+      variants[f"pruned {recipe} + {n}-step masked fine-tune"] = (cfg, pruned)
+    else:
+      checkpoint_lib.save_params(out_dir, pruned, cfg, meta={"recipe": recipe}, replace=True)
+    with open(os.path.join(out_dir, "prune_report.json"), "w") as f:
+      json.dump(rep, f, indent=2)
+    section[recipe] = {"sparsity": sparsity.mask_sparsity(masks), "seconds": secs,
+                       "totals": rep["totals"]}
+    first = pruned if first is None else first
+  if pc.structured:
+    small_cfg, small, rep = sparsity.shrink_recipe(float_params, pc.structured, cfg=cfg,
+                                                   calib=calib)
+    variants[f"shrunk {pc.structured} ({small_cfg.ffn_dim} ffn, {small_cfg.n_heads} heads)"] = (
+        small_cfg, small)
+    checkpoint_lib.save_params(os.path.join(workdir, "shrunk"), small, small_cfg,
+                               meta={"recipe": pc.structured}, replace=True)
+    section[pc.structured] = rep
+  return first, variants, section
+
+
+def _slug(recipe: str) -> str:
+  return "".join(c if c.isalnum() else "_" for c in recipe)
+
+
 def run(config, workdir: str) -> dict:
   """Runs every stage (training resumes from `workdir/float`); returns the report dict."""
   train_lib.validate_config(config, os.path.join(workdir, "float"))
-  sparsity.parse_recipe(config.prune.recipe)
+  for recipe in (*config.prune.recipes, *config.prune.finetune, config.prune.structured):
+    if recipe:
+      sparsity.parse_recipe(recipe)
+  if not config.prune.recipes:
+    raise ValueError("config.prune.recipes must name at least one recipe")
+  unknown = [r for r in config.prune.finetune if r not in config.prune.recipes]
+  if unknown:
+    raise ValueError(f"config.prune.finetune names {unknown}, not in config.prune.recipes")
   quant.parse_recipe(config.quant.recipe)
   t0 = time.perf_counter()
   rows, report = {}, {"workdir": os.path.abspath(workdir)}
@@ -139,31 +195,16 @@ def run(config, workdir: str) -> dict:
   cfg, float_params = res.model_cfg, res.params
   report["train"] = res.summary
 
-  print(f"== 2/{n_stages} prune ({config.prune.recipe})", flush=True)
-  pruned, masks, prune_report = sparsity.prune_with_masks(float_params, config.prune.recipe)
-  pruned_dir = os.path.join(workdir, "pruned")
-  variants = {"float": float_params, f"pruned {config.prune.recipe}": pruned}
-  if config.prune.finetune_steps:
-    n = config.prune.finetune_steps
-    ft = _derived(config, train=dict(steps=n, eval_every=0), ckpt=dict(every=n),
-                  opt=dict(lr=config.prune.finetune_lr, warmup_steps=min(20, n)))
-    hooks = train_lib.Hooks(wrap_optimizer=functools.partial(sparsity.masked, masks=masks))
-    pruned = train_lib.train_and_evaluate(ft, pruned_dir, init_params=pruned, hooks=hooks).params
-    variants[f"pruned {config.prune.recipe} + {n}-step masked fine-tune"] = pruned
-  else:
-    checkpoint_lib.save_params(pruned_dir, pruned, cfg, meta={"recipe": config.prune.recipe},
-                               replace=True)
-  report["prune"] = {"recipe": config.prune.recipe, "sparsity": sparsity.mask_sparsity(masks),
-                     "report": prune_report["totals"]}
-  with open(os.path.join(pruned_dir, "prune_report.json"), "w") as f:
-    json.dump(prune_report, f, indent=2)
+  print(f"== 2/{n_stages} prune ({', '.join(config.prune.recipes)})", flush=True)
+  pruned, variants, report["prune"] = _prune_stage(cfg, float_params, config, workdir)
+  variants = {"float": (cfg, float_params), **variants}
 
   print(f"== 3/{n_stages} quantize ({config.quant.recipe})", flush=True)
   quant_dir = os.path.join(workdir, "quantized")
   qparams, q_report = quant.quantize(float_params, config.quant.recipe)
   qpruned, _ = quant.quantize(pruned, config.quant.recipe)
-  variants[config.quant.recipe] = qparams
-  variants[f"pruned + {config.quant.recipe}"] = qpruned
+  variants[config.quant.recipe] = (cfg, qparams)
+  variants[f"pruned {config.prune.recipes[0]} + {config.quant.recipe}"] = (cfg, qpruned)
   checkpoint_lib.save_params(quant_dir, qparams, cfg, meta={"recipe": config.quant.recipe},
                              replace=True)
   with open(os.path.join(quant_dir, "quant_report.json"), "w") as f:
@@ -171,9 +212,9 @@ def run(config, workdir: str) -> dict:
 
   print(f"== 4/{n_stages} evaluate ({config.eval.split} split) and greedy-decode each variant",
         flush=True)
-  for name, params in variants.items():
-    ev = _eval(cfg, params, config)
-    dec = _greedy_decode(cfg, params, config)
+  for name, (vcfg, params) in variants.items():
+    ev = _eval(vcfg, params, config)
+    dec = _greedy_decode(vcfg, params, config)
     nonzero = sum(int(np.count_nonzero(np.asarray(x))) for x in jax.tree.leaves(params))
     rows[name] = {"bpb": ev["bpb"], "param_bytes": model.tree_nbytes(params),
                   "nonzeros": nonzero, "decode_tokens_per_s": dec["tokens_per_s"],
@@ -235,7 +276,7 @@ def format_report(report: dict, config) -> str:
       config.decode.prompt + first["continuation"],
       "",
       f"report:      {os.path.join(report['workdir'], 'report.json')}",
-      f"checkpoints: {report['workdir']}/{{float,pruned,quantized,draft}}/checkpoints",
+      f"checkpoints: {report['workdir']}/{{float,pruned*,shrunk,quantized,draft}}/checkpoints",
       f"metrics:     {report['workdir']}/float/metrics.jsonl (TensorBoard: .../float/tb)",
       f"total wall time: {report['wall_time_s'] / 60:.1f} min",
   ]

@@ -28,8 +28,7 @@ from ml_collections import config_dict
 
 from model import sharding, transformer
 from model.config import ModelConfig, get_preset
-from model.qarray import is_qarray
-from model.tree import flatten, match_rules, tree_size
+from model.tree import flatten, is_weight_leaf, match_rules, tree_size
 from scripts import checkpoint_lib, data_lib, eval_lib, metrics_lib
 
 WrapOptimizer = Callable[[optax.GradientTransformation], optax.GradientTransformation]
@@ -167,12 +166,12 @@ def trainable_mask(params, regex: str | None):
 
 def _split(params, mask):
   """(the trainable leaves, None elsewhere)."""
-  return jax.tree.map(lambda x, m: x if m else None, params, mask, is_leaf=is_qarray)
+  return jax.tree.map(lambda x, m: x if m else None, params, mask, is_leaf=is_weight_leaf)
 
 
 def _merge(trained, params):
   return jax.tree.map(lambda t, p: p if t is None else t, trained, params,
-                      is_leaf=lambda x: x is None or is_qarray(x))
+                      is_leaf=lambda x: x is None or is_weight_leaf(x))
 
 
 def train_step(state: dict, batch: dict, *, model_cfg: ModelConfig, tx, schedule, hooks: Hooks,

@@ -17,8 +17,9 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool
 
+from model.nm_array import is_nmarray
 from model.qarray import is_qarray
-from model.tree import flatten
+from model.tree import flatten, is_weight_leaf
 from sparsity import rules as rules_lib
 
 SCOPES = ("layerwise", "global")
@@ -79,6 +80,8 @@ def plan(params, sparsity: float, rules: rules_lib.Rules = ()):
   for path, leaf in zip(paths, leaves, strict=True):
     if target[path] is not None and is_qarray(leaf):
       raise ValueError(f"param {path} is already quantized; prune before quantizing")
+    if target[path] is not None and is_nmarray(leaf):
+      raise ValueError(f"param {path} is already N:M compressed; prune before compressing")
   return paths, leaves, treedef, target, spec
 
 
@@ -139,7 +142,7 @@ def apply_masks(params, masks):
                        f"{tuple(p.shape)}")
     return jnp.where(m, p, jnp.zeros((), p.dtype))
 
-  return jax.tree.map(one, params, masks, is_leaf=is_qarray)
+  return jax.tree.map(one, params, masks, is_leaf=is_weight_leaf)
 
 
 def mask_sparsity(masks) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from model import nm_array
 from model.qarray import dequantize, is_qarray
 from model.tree import flatten, leaf_nbytes, leaf_size
 
@@ -44,7 +45,8 @@ def sparsity_report(params, masks=None, *, dense=None) -> dict:
   tot = dict(params=0, nonzeros=0, bytes=0, nonzero_bytes=0, masked_params=0,
              masked_nonzeros=0)
   for path, leaf in zip(paths, leaves, strict=True):
-    values = dequantize(leaf) if is_qarray(leaf) else leaf
+    values = (nm_array.decompress(leaf) if nm_array.is_nmarray(leaf) else
+              dequantize(leaf) if is_qarray(leaf) else leaf)
     size = leaf_size(leaf)
     nnz = int(_count_nonzero(values))
     nbytes = leaf_nbytes(leaf)

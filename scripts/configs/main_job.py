@@ -2,7 +2,8 @@ r"""python -m scripts.main_job --workdir=runs/main   (or: python3 dev.py run)
 
 The main job on embedded defaults: train the "tiny" model (0.82M params, byte
 level) on the Python standard library, 900 steps of 16 x 256 tokens (~10 min on 2
-idle CPU cores), prune it to 50% (magnitude) with a short masked fine-tune,
+idle CPU cores), prune it one-shot (magnitude, Wanda, SparseGPT at 50% and 2:4, calibrated on
+64 train windows) with short masked fine-tunes, shrink 50% of the FFN neurons,
 quantize it to int8, evaluate every variant (bits per byte on the test split),
 decode a code prompt greedily with the KV cache, sample, train a small draft
 model and decode speculatively (its speedup over greedy), and print one table
@@ -35,9 +36,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.ckpt.keep = 2
 
   c.prune = ml_collections.ConfigDict(dict(
-      recipe="magnitude:0.5",
-      finetune_steps=max(1, int(150 * scale)),  # masked fine-tune; 0 disables
-      finetune_lr=1e-3))
+      # One-shot recipes, each a table row; the first also feeds the "pruned + quant" row.
+      recipes=["magnitude:0.5", "wanda:0.5", "sparsegpt:0.5", "magnitude:2:4", "wanda:2:4",
+               "sparsegpt:2:4"],
+      finetune=["magnitude:0.5", "wanda:0.5", "sparsegpt:0.5", "wanda:2:4", "sparsegpt:2:4"],
+      finetune_steps=max(1, int(100 * scale)),  # masked fine-tune of `finetune`; 0 disables
+      finetune_lr=1e-3,
+      calib_seqs=64,  # calibration windows of data.seq_len tokens (train split)
+      structured="neurons:0.5:score=activation"))  # physically shrunk model; "" disables
   c.quant = ml_collections.ConfigDict(dict(recipe="int8"))
   c.eval = ml_collections.ConfigDict(dict(split="test", max_batches=64))  # 0: the whole split
   c.decode = ml_collections.ConfigDict(dict(

@@ -1,4 +1,4 @@
-"""Calibration capture: statistics equal hand-computed ones; sequential mode sees compressed blocks."""
+"""Calibration capture: statistics equal hand-computed ones; sequential sees compressed blocks."""
 
 import jax
 import jax.numpy as jnp

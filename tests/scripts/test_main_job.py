@@ -16,6 +16,8 @@ def _config():
   c.train.update(eval_every=0, eval_batches=1, log_every=1)
   c.eval.max_batches = 1
   c.decode.update(max_new_tokens=6, num_samples=2)
+  c.prune.update(recipes=["magnitude:0.5", "wanda:2:4", "sparsegpt:0.5"], finetune=["wanda:2:4"],
+                 calib_seqs=4)
   c.speculative.update(draft_steps=2, num_prompts=1, gamma=2)
   c.speculative.draft_model.update(d_model=32, n_heads=2, n_kv_heads=1, ffn_dim=64)
   c.lock()
@@ -25,7 +27,9 @@ def _config():
 def test_main_job_reports_every_stage(tmp_path):
   config = _config()
   report = main_job_lib.run(config, str(tmp_path))
-  assert len(report["variants"]) == 5
+  # float, 3 one-shot, 1 fine-tuned, the shrunk model, int8, pruned + int8.
+  assert len(report["variants"]) == 8
+  assert report["prune"]["wanda:2:4"]["sparsity"] == 0.5
   for row in report["variants"].values():
     assert row["bpb"] > 0 and row["decode_tokens_per_s"] > 0
   sp = report["speculative"]

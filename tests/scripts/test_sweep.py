@@ -163,12 +163,17 @@ def _config(source, **eval_kw):
   return c
 
 
+def by_nm_sparsity(rows):
+  return {r["sparsity"] for r in rows if r["method"].endswith("N:M")}
+
+
 def test_compress_sweep_end_to_end_and_resume(source, tmp_path):
   config = _config(source)
   out = str(tmp_path / "sweep")
   result = compress_sweep_lib.run(config, out)
   rows = result["rows"]
-  assert len(rows) == (1 + 2 * 2) * 2 == result["evaluated"]
+  assert len(rows) == (1 + 2 * 3) * 2 == result["evaluated"]  # dense + 2 methods x (2 + 2:4)
+  assert by_nm_sparsity(rows) == {0.5}
   by = {(r["prune"], r["quant"]): r for r in rows}
   dense = by["none", "none"]
   assert dense["bits"] == 32 and dense["sparsity_achieved"] == 0.0

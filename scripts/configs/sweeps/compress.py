@@ -5,7 +5,9 @@ Prunes (each method x sparsity, plus dense) and then quantizes (each recipe, "no
 keeps float) the latest checkpoint of `source`, evaluates bits/byte of every
 combination on `eval.split`, and writes WORKDIR/results.jsonl (resumable: a rerun
 evaluates only the missing points), results.md, bpb_vs_sparsity.png,
-bpb_vs_bits.png and config.json. `compress.py:smoke` is a 10-point grid on 2 batches.
+bpb_vs_bits.png and config.json. `compress.py:smoke` is a 14-point grid on 2 batches;
+`compress.py:prune` sweeps every pruning method on float weights.
+Data-aware methods (wanda, sparsegpt) calibrate on `calib_seqs` train windows.
 Lists are tuples so that flags can override them, e.g.
 `--config.grid.quant_recipes="('none', 'int4:g32')"`.
 """
@@ -15,23 +17,30 @@ import ml_collections
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Compression sweep config; `arg` is None (the full grid) or "smoke"."""
-  if arg not in (None, "", "smoke"):
-    raise ValueError(f"compress sweep config arg={arg!r}; valid: None (full grid), 'smoke'")
+  if arg not in (None, "", "smoke", "prune"):
+    raise ValueError(f"compress sweep config arg={arg!r}; valid: None (full grid), 'smoke', "
+                     "'prune' (float weights, every pruning method)")
   smoke = arg == "smoke"
   c = ml_collections.ConfigDict()
   c.source = ""  # a run folder with checkpoints/ (its config.json's data section is used)
 
   c.grid = ml_collections.ConfigDict()
-  c.grid.prune_methods = ("magnitude", "random") if smoke else (
-      "magnitude", "magnitude_global", "random")
-  c.grid.sparsities = (0.25, 0.5) if smoke else (0.1, 0.3, 0.5, 0.7)
+  c.grid.prune_methods = ("magnitude", "wanda") if smoke else (
+      "magnitude", "magnitude_global", "random", "wanda", "sparsegpt")
+  c.grid.sparsities = (0.25, 0.5) if smoke else (0.1, 0.3, 0.5, 0.6, 0.7, 0.8)
+  c.grid.nm = ("2:4",) if smoke else ("2:4", "4:8", "1:4")  # N:M targets (kept of every M)
   c.grid.dense = True  # also the unpruned model ("none"), the reference of every plot
   c.grid.quant_recipes = ("none", "int8") if smoke else ("none", "int8", "int4:g64", "int2:g32")
+  if arg == "prune":  # bits/byte vs sparsity of every method: docs/sweep_prune.md
+    c.grid.prune_methods = ("magnitude", "random", "wanda", "sparsegpt")
+    c.grid.sparsities = (0.1, 0.3, 0.5, 0.6, 0.7, 0.8)
+    c.grid.quant_recipes = ("none",)
 
   c.eval = ml_collections.ConfigDict()
   c.eval.split = "test"
   c.eval.max_batches = 2 if smoke else 16  # 0: the whole split
 
-  c.seed = 0  # the random pruning baseline's key
+  c.calib_seqs = 8 if smoke else 64  # calibration windows (train split) for data-aware methods
+  c.seed = 0  # the random pruning baseline's key and the calibration windows
   c.lock()
   return c
