@@ -135,3 +135,30 @@ def _fp_codes(w, axes, fp_dtype):
   scale = _safe_scale(jnp.max(jnp.abs(w), axis=axes, keepdims=True), fmax)
   values = jnp.clip(w / scale, -fmax, fmax).astype(fp_dtype)
   return values, scale, None
+
+
+def symmetric_scale(w: Float[Array, "In Out"], bits: int) -> Float[Array, "1 Out"]:
+  """Per-output-channel symmetric int scale of a kernel (absmax / qmax), as `quantize_tensor`."""
+  _check_args(w.shape, w.dtype, bits, "int", None, True, 0)
+  qmax = 2 ** (bits - 1) - 1
+  return _safe_scale(jnp.max(jnp.abs(w.astype(jnp.float32)), axis=0, keepdims=True), qmax)
+
+
+def fake_quantize_row(scale_O: Float[Array, " Out"], row_O: Float[Array, " Out"], index,
+                      bits: int) -> Float[Array, " Out"]:
+  """One kernel row rounded onto the symmetric grid `scale * k`, |k| <= 2^(bits-1) - 1."""
+  del index
+  qmax = 2 ** (bits - 1) - 1
+  return jnp.clip(jnp.round(row_O / scale_O), -qmax, qmax) * scale_O
+
+
+def on_grid(w: Float[Array, "In Out"], scale: Float[Array, "1 Out"], bits: int) -> QArray:
+  """The QArray of a kernel whose values already lie on the grid `scale * k` (exact codes).
+
+  For solvers that quantize while they update (joint SparseGPT + int, GPTQ with fixed
+  per-channel scales): re-deriving the scale from the result would move the grid.
+  """
+  qmax = 2 ** (bits - 1) - 1
+  codes = jnp.clip(jnp.round(w.astype(jnp.float32) / scale), -qmax, qmax).astype(jnp.int8)
+  return QArray(values=pack(codes, bits), scale=scale, zero=None, shape=tuple(w.shape),
+                bits=bits, fmt="int", group_size=None, dtype=w.dtype)

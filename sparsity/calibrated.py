@@ -22,6 +22,7 @@ from model import calibration as calib_lib
 from model import transformer
 from model.config import ModelConfig
 from model.tree import flatten, is_weight_leaf
+from quant import rtn
 from sparsity import oneshot
 from sparsity import rules as rules_lib
 
@@ -99,13 +100,27 @@ def plan_targets(params, target: Target, rules: rules_lib.Rules = (),
   return out
 
 
+@functools.cache
+def _row_quantizer(bits: int):
+  # One function object per bit width: the compiled sweep is reused across layers.
+  return functools.partial(rtn.fake_quantize_row, bits=bits)
+
+
 def _prune_kernel(method: str, kernel, stats: calib_lib.KernelStats, t: Target, opts: dict):
   if method == "wanda":
     keep = oneshot.wanda_mask(kernel, stats.x_norm, **t.kwargs())
     return jnp.where(keep, kernel, jnp.zeros((), kernel.dtype)), keep
-  return oneshot.sparsegpt_prune(kernel, stats.hessian(), **t.kwargs(),
-                                 blocksize=opts.get("blocksize", 128),
-                                 percdamp=opts.get("percdamp", 0.01))
+  bits = opts.get("bits")
+  quantize = scale = None
+  if bits:
+    # Joint prune + quantize in one OBS pass (SparseGPT's joint mode): kept weights are
+    # rounded onto per-channel grids fixed from the dense kernel, errors propagate.
+    scale = rtn.symmetric_scale(kernel, bits)
+    quantize = jax.tree_util.Partial(_row_quantizer(bits), scale[0])
+  new, keep = oneshot.sparsegpt_prune(kernel, stats.hessian(), **t.kwargs(),
+                                      blocksize=opts.get("blocksize", 128),
+                                      percdamp=opts.get("percdamp", 0.01), quantize=quantize)
+  return (rtn.on_grid(new, scale, bits) if bits else new), keep
 
 
 def _set(tree: dict, path: str, value) -> dict:

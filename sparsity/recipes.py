@@ -18,7 +18,9 @@ consecutive inputs of each output column: 2:4, 1:4, 4:8).
   prune(params, "heads:0.5", cfg=cfg)            # query heads, the same count per KV group
 
 Options: `mode=sequential|one_pass` (calibration), `blocksize=`, `damp=` (SparseGPT's
-relative damping), `lambda=` / `M=` (OWL), `score=weight|activation` (structured).
+relative damping), `bits=8|4|2` (SparseGPT: joint prune + per-channel int quantization in
+one OBS pass, QArray leaves out; "sparsegpt:2:4:bits=4"), `lambda=` / `M=` (OWL),
+`score=weight|activation` (structured).
 A method registers a `PruneMethod`: a parser turning the recipe's arguments into
 keyword arguments (validated before any compute) and a function
 `fn(params, *, rules, calib, key, cfg, **kwargs) -> (params, masks)`.
@@ -181,6 +183,7 @@ _OPTIONS = {
     "lambda": ("owl_lambda", float),
     "M": ("owl_m", _positive_float),
     "score": ("score", _choice("weight", "activation")),
+    "bits": ("bits", lambda v: int(_choice("2", "4", "8")(v))),
     "scope": ("scope", _choice(*masks_lib.SCOPES)),
 }
 
@@ -310,13 +313,13 @@ def _random(params, *, rules, calib, key, cfg, **target):
 
 def _one_shot(method: str):
   def fn(params, *, rules, calib, key, cfg, mode=None, blocksize=128, percdamp=0.01,
-         **target):
+         bits=None, **target):
     del key, cfg
     targets = _targets(params, rules, calib, **target)
     if mode is not None:
       calib = dataclasses.replace(calib, sequential=mode == "sequential")
     return calibrated.prune_calibrated(params, method, targets, calib, blocksize=blocksize,
-                                       percdamp=percdamp)
+                                       percdamp=percdamp, bits=bits)
   return fn
 
 
@@ -384,7 +387,7 @@ _register("random", _random, nm=True, options=("dist",), needs_key=True)
 _register("wanda", _one_shot("wanda"), nm=True, options=("dist", "mode", "lambda", "M"),
           needs_calib=True)
 _register("sparsegpt", _one_shot("sparsegpt"), nm=True,
-          options=("dist", "mode", "blocksize", "damp", "lambda", "M"), needs_calib=True)
+          options=("dist", "mode", "blocksize", "damp", "lambda", "M", "bits"), needs_calib=True)
 _register("saliency", _saliency, nm=False, options=("scope",), needs_calib=True)
 for _name in ("neurons", "heads", "kv_groups"):
   _register(_name, _structured(_name), nm=False, options=("score",), needs_cfg=True,

@@ -38,7 +38,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.prune = ml_collections.ConfigDict(dict(
       # One-shot recipes, each a table row; the first also feeds the "pruned + quant" row.
       recipes=["magnitude:0.5", "wanda:0.5", "sparsegpt:0.5", "magnitude:2:4", "wanda:2:4",
-               "sparsegpt:2:4"],
+               "sparsegpt:2:4", "sparsegpt:2:4:bits=4"],  # the last: joint 2:4 + int4 pass
       finetune=["magnitude:0.5", "wanda:0.5", "sparsegpt:0.5", "wanda:2:4", "sparsegpt:2:4"],
       finetune_steps=max(1, int(100 * scale)),  # masked fine-tune of `finetune`; 0 disables
       finetune_lr=1e-3,

@@ -98,7 +98,9 @@ def test_parse_rule():
 
 # --- Data-aware, N:M, block and distribution recipes on the whole model.
 
+import quant  # noqa: E402
 from model.calibration import Calibration, calibrate  # noqa: E402
+from model.qarray import dequantize  # noqa: E402
 from sparsity import distributions, oneshot, structures  # noqa: E402
 
 
@@ -240,3 +242,19 @@ def test_structured_recipes_zero_whole_units(params):
   down = np.asarray(pruned["layers_0"]["mlp"]["down"]["kernel"])
   dead = ~up.any(axis=0)
   assert dead.sum() == CFG.ffn_dim // 2 and not down[dead].any()
+
+
+def test_joint_sparsegpt_int4_beats_prune_then_round(params, calib):
+  """One OBS pass that prunes 2:4 and rounds to int4 reconstructs better than two steps."""
+  stats = calibrate(CFG, params, calib.batches)
+  joint, masks, report = sparsity.prune_with_masks(
+      params, "sparsegpt:2:4:bits=4:mode=one_pass", calib=calib)
+  k = joint["layers_0"]["mlp"]["up"]["kernel"]
+  assert quant.is_qarray(k) and k.bits == 4 and report["bits"] == 4
+  two_step, _ = quant.quantize(sparsity.prune(params, "sparsegpt:2:4:mode=one_pass",
+                                              calib=calib)[0], "int4")
+  deq = lambda t: jax.tree.map(lambda x: dequantize(x) if quant.is_qarray(x) else x, t,
+                               is_leaf=quant.is_qarray)
+  q_kernel = np.asarray(deq(joint)["layers_0"]["attn"]["q"]["kernel"])
+  assert not q_kernel[~np.asarray(_kernels(masks)["layers_0/attn/q/kernel"])].any()
+  assert _layer_error(stats, params, deq(joint)) < _layer_error(stats, params, deq(two_step))
