@@ -7,6 +7,7 @@ from model.attention import (
     cache_layout,
     merge_partials,
 )
+from model.calibration import Calibration, KernelStats, calibrate, calibrate_sequential
 from model.config import PRESETS, ModelConfig, RopeScaling, get_preset
 from model.decoder import Decoder
 from model.kv_cache import KVCache, PrefixCache, init_cache
@@ -27,6 +28,7 @@ from model.tree import flatten, is_weight_leaf, match_rules, path_str, tree_nbyt
 count_params = tree_size  # logical parameters: an int4 tree counts as its float original
 
 __all__ = [
+    "Calibration", "KernelStats", "calibrate", "calibrate_sequential",
     "AttentionMask", "ByteTokenizer", "Decoder", "KVCache", "ModelConfig", "NMArray", "PRESETS",
     "PrefixCache", "QArray", "RopeScaling", "Tokenizer", "Transformer", "apply", "attention",
     "cache_attention", "cache_layout", "compress_nm", "count_params", "decompress_nm", "flatten",
