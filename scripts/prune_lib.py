@@ -15,6 +15,7 @@ import os
 import jax
 
 import sparsity
+from model import convert
 from model.calibration import Calibration
 from model.tokenizer import get_tokenizer
 from scripts import checkpoint_lib, convert_lib, data_lib, eval_lib
@@ -54,6 +55,9 @@ def prune_checkpoint(workdir: str, recipe: str, out: str, *, step: int | None = 
                      tokenizer: str = "auto") -> dict:
   """Prunes a checkpoint of `workdir` into `out`; returns the report (also written as JSON).
 
+  `workdir` is a sparq run folder (latest or --step checkpoint), an imported one
+  (`scripts.convert --to=sparq`), or a Hugging Face folder (config.json + safetensors).
+
   rules: `(regex, spec)` pairs or 'REGEX=SPEC' strings (SPEC none | prune | a sparsity),
   tried before the default skips (embeddings, LM head, norms, biases).
   calib_seqs / calib_len / calib_mode: calibration windows (count, tokens per window,
@@ -65,7 +69,11 @@ def prune_checkpoint(workdir: str, recipe: str, out: str, *, step: int | None = 
     raise ValueError(f"--calib_mode={calib_mode!r}; valid: {CALIB_MODES}")
   rules = [rules_lib.parse_rule(r) if isinstance(r, str) else tuple(r) for r in rules]
   checkpoint_lib.check_writable_dir(out, "--out", differ_from=workdir)
-  params, model_cfg, step = checkpoint_lib.load_params(workdir, step)
+  if convert.is_hf_dir(workdir):  # a Hugging Face folder, pruned without importing first
+    model_cfg, params = convert.load_hf(workdir)
+    step = 0
+  else:
+    params, model_cfg, step = checkpoint_lib.load_params(workdir, step)
   calib = None
   if needs_calibration(recipe):
     calib = calibration(workdir, model_cfg, n_seqs=calib_seqs, seq_len=calib_len, seed=seed,

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import model
+from model import convert
 from scripts import checkpoint_lib
 from scripts import prune_lib as prune_script
 
@@ -67,3 +68,14 @@ def test_cli_bad_sparsity_exits_nonzero(tmp_path):
   assert proc.returncode != 0
   assert "outside the valid range [0, 1)" in proc.stderr
   assert not out.exists()
+
+
+def test_prunes_a_hugging_face_folder(params, tmp_path):
+  hf = str(tmp_path / "hf")
+  convert.export_hf(CFG, params, hf)
+  out = str(tmp_path / "out")
+  report = prune_script.prune_checkpoint(hf, "sparsegpt:2:4", out, calib_seqs=2, calib_len=16)
+  pruned, cfg, _ = checkpoint_lib.load_params(out)
+  assert cfg == CFG and report["totals"]["masked_sparsity"] == 0.5
+  up = np.asarray(pruned["layers_0"]["mlp"]["up"]["kernel"]).reshape(-1, 4, CFG.ffn_dim)
+  assert ((up != 0).sum(axis=1) <= 2).all()
