@@ -33,7 +33,7 @@ import optax
 
 import model
 import sparsity
-from scripts import checkpoint_lib, sparse_train_lib, train_lib
+from scripts import checkpoint_lib, sparse_train_lib, sweep_lib, train_lib
 
 CONTROLS = ("random_reinit", "random_mask")
 
@@ -221,7 +221,20 @@ def run(config, workdir: str) -> list[dict]:
     with open(tmp, "w") as f:
       f.writelines(json.dumps(x) + "\n" for x in records)
     os.replace(tmp, os.path.join(workdir, "results.jsonl"))
+  plot(records, os.path.join(workdir, "bpb_vs_density.png"))
   return records
+
+
+def plot(records: list[dict], path: str) -> str:
+  """Val bits/byte vs density of the ticket and its controls (dense as a reference line)."""
+  rows = [dict(density=r["density"], bpb=r[f"{c}_val_bpb"], series=c)
+          for c in ("ticket", *CONTROLS) for r in records[1:] if f"{c}_val_bpb" in r]
+  if not rows:
+    return ""
+  return sweep_lib.plot(rows, x="density", y="bpb", series="series", path=path,
+                        xscale="log", xlabel="density (kept fraction of prunable weights)",
+                        ylabel="val bits/byte", title="Lottery tickets (IMP with rewinding)",
+                        references={"dense": records[0]["ticket_val_bpb"]})
 
 
 def format_records(records: list[dict]) -> str:
