@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -79,3 +80,16 @@ def test_prunes_a_hugging_face_folder(params, tmp_path):
   assert cfg == CFG and report["totals"]["masked_sparsity"] == 0.5
   up = np.asarray(pruned["layers_0"]["mlp"]["up"]["kernel"]).reshape(-1, 4, CFG.ffn_dim)
   assert ((up != 0).sum(axis=1) <= 2).all()
+
+
+def test_nan_weights_fail_before_anything_is_written(params, tmp_path):
+  src = str(tmp_path / "src")
+  bad = jax.tree.map(lambda x: x, params)
+  bad["layers_0"]["mlp"]["down"]["kernel"] = bad["layers_0"]["mlp"]["down"]["kernel"].at[1, 1].set(
+      np.inf)
+  checkpoint_lib.save_params(src, bad, CFG, step=1)
+  for recipe in ("magnitude:0.5", "wanda:0.5"):
+    out = tmp_path / f"out_{recipe.split(':')[0]}"
+    with pytest.raises(ValueError, match="layers_0/mlp/down/kernel contains NaN or Inf"):
+      prune_script.prune_checkpoint(src, recipe, str(out), calib_seqs=2, calib_len=16)
+    assert not out.exists()
