@@ -215,7 +215,8 @@ def run(config, workdir: str) -> dict:
   for name, (vcfg, params) in variants.items():
     ev = _eval(vcfg, params, config)
     dec = _greedy_decode(vcfg, params, config)
-    nonzero = sum(int(np.count_nonzero(np.asarray(x))) for x in jax.tree.leaves(params))
+    # Counted on the logical (dequantized / decompressed) weights, not on stored codes.
+    nonzero = sparsity.sparsity_report(params)["totals"]["nonzeros"]
     rows[name] = {"bpb": ev["bpb"], "param_bytes": model.tree_nbytes(params),
                   "nonzeros": nonzero, "decode_tokens_per_s": dec["tokens_per_s"],
                   "continuation": dec["text"]}

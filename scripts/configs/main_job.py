@@ -1,7 +1,7 @@
 r"""python -m scripts.main_job --workdir=runs/main   (or: python3 dev.py run)
 
 The main job on embedded defaults: train the "tiny" model (0.82M params, byte
-level) on the Python standard library, 900 steps of 16 x 256 tokens (~10 min on 2
+level) on the Python standard library, 900 steps of 16 x 256 tokens (~13 min on 2
 idle CPU cores), prune it one-shot (magnitude, Wanda, SparseGPT at 50% and 2:4, calibrated on
 64 train windows) with short masked fine-tunes, shrink 50% of the FFN neurons,
 quantize it to int8, evaluate every variant (bits per byte on the test split),
