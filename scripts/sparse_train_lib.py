@@ -9,6 +9,9 @@
   set/rigl  dynamic sparse training at constant sparsity (`sparsity.dst`)
   granet    gradual pruning plus gradient regrowth
   pdp       soft masks in the loss (`sparsity.pdp`), hardened for eval and at the end
+  polarization  FFN neuron gates with the polarization regularizer
+            (`sparsity.polarization`); at the end the model is shrunk to
+            `workdir/shrunk` keeping 1 - sparsity of the neurons per layer
 
 Masks (and counters, keys, scores) live in the optimizer state, so they are in
 every checkpoint and a resumed run is bit-exact. `train_sparse` adds the final
@@ -30,10 +33,11 @@ import optax
 import model
 import sparsity
 from scripts import checkpoint_lib, eval_lib, train_lib
-from sparsity import dst, pdp, training
+from sparsity import dst, pdp, polarization, training
 from sparsity import rules as rules_lib
 
-METHODS = ("none", "oneshot", "gradual", "set", "rigl", "granet", "movement", "pdp")
+METHODS = ("none", "oneshot", "gradual", "set", "rigl", "granet", "movement", "pdp",
+           "polarization")
 WRAPPED = ("gradual", "set", "rigl", "granet", "movement")
 
 
@@ -53,7 +57,9 @@ def default_config(method: str = "gradual") -> ml_collections.ConfigDict:
       rules="",  # ";"-separated REGEX=SPEC (SPEC: none | prune | a sparsity)
       recipe="",  # oneshot: a pruning recipe; "": magnitude:<sparsity>
       init_checkpoint="",  # oneshot: prune this checkpoint instead of the fresh init
-      pdp_tau=0.1))  # pdp: soft-mask temperature, relative to each tensor's mean w^2
+      pdp_tau=0.1,  # pdp: soft-mask temperature, relative to each tensor's mean w^2
+      polarization_t=0.5,  # polarization: the L1 weight t (< 1 polarizes, larger prunes more)
+      polarization_strength=0.01))  # polarization: the regularizer's weight in the loss
 
 
 def _fail(name: str, value, valid: str):
@@ -94,6 +100,8 @@ def validate(sc, steps: int) -> dict:
   except ValueError as e:
     raise ValueError(f"config.sparsity.rules={sc.rules!r}: {e}") from None
   target = sparsity.check_sparsity(sc.sparsity, "config.sparsity.sparsity")
+  if sc.method == "polarization":
+    return dict(sparsity=target, t=sc.polarization_t, strength=sc.polarization_strength)
   if sc.method in ("oneshot", "pdp"):
     if sc.method == "oneshot":
       sparsity.parse_recipe(sc.recipe or f"magnitude:{target}")
@@ -136,6 +144,11 @@ def _hard_eval(target: float, rules: tuple):
   return evaluate
 
 
+def _folded_eval(model_cfg, params, batches, put_batch):
+  r = eval_lib.evaluate(model_cfg, polarization.fold(params), batches, put_batch=put_batch)
+  return {k: r[k] for k in ("loss", "bpb", "ppl")}
+
+
 def hooks_from_config(sc, params, *, steps: int, masks=None) -> train_lib.Hooks:
   """`Hooks` for the section's method; `params` may be abstract (ShapeDtypeStructs).
 
@@ -150,6 +163,11 @@ def hooks_from_config(sc, params, *, steps: int, masks=None) -> train_lib.Hooks:
     if masks is None:
       raise ValueError("config.sparsity.method='oneshot' needs masks (none were given)")
     return train_lib.Hooks(wrap_optimizer=functools.partial(sparsity.masked, masks=masks))
+  if sc.method == "polarization":
+    return train_lib.Hooks(
+        loss_fn=polarization.polarization_loss(train_lib.nll_loss, t=kw["t"],
+                                               strength=kw["strength"]),
+        eval_fn=_folded_eval, trainable=".")  # "." admits the extra gates subtree
   if sc.method == "pdp":
     return train_lib.Hooks(
         loss_fn=pdp.pdp_loss(train_lib.nll_loss, tau=sc.pdp_tau, **kw),
@@ -206,6 +224,10 @@ def train_sparse(config, workdir: str) -> train_lib.TrainResult:
     init_params, masks, _ = sparsity.prune_with_masks(
         init_params, sc.recipe or f"magnitude:{sc.sparsity}", rules=parse_rules(sc.rules),
         key=jax.random.key(sc.seed))
+  if sc.method == "polarization":
+    validate(sc, steps)
+    init_params = polarization.with_gates(model_cfg,
+                                          model.init(model_cfg, jax.random.key(config.train.seed)))
   hooks = hooks_from_config(sc, model.param_shapes(model_cfg), steps=steps, masks=masks)
   result = train_lib.train_and_evaluate(
       config, workdir, init_params=init_params, hooks=hooks, model_cfg=model_cfg,
@@ -213,6 +235,16 @@ def train_sparse(config, workdir: str) -> train_lib.TrainResult:
   if sc.method == "none":
     return result
   params = result.params
+  if sc.method == "polarization":
+    small_cfg, small, rep = polarization.harden(result.model_cfg, params, sc.sparsity)
+    path = os.path.join(workdir, "shrunk")
+    checkpoint_lib.save_params(path, small, small_cfg, step=steps,
+                               meta={"sparsity": sc.to_dict()}, replace=True)
+    summary = dict(result.summary, sparsity=dict(rep, path=path,
+                                                 model_config=small_cfg.to_dict()))
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=2)
+    return train_lib.TrainResult(summary, small, small_cfg)
   if sc.method == "pdp":
     params, masks = pdp.harden(params, sc.sparsity, rules=parse_rules(sc.rules))
     checkpoint_lib.save_params(os.path.join(workdir, "hardened"), params, result.model_cfg,

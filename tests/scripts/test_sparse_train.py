@@ -129,3 +129,17 @@ def test_cli_dispatches_sparse_configs(tmp_path):
       cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 2 and "config.sparsity.end_step=5000" in proc.stderr
   assert not workdir.exists()
+
+
+def test_polarization_trains_gates_and_writes_the_shrunk_model(tmp_path):
+  config = tiny_config("polarization", sparsity=0.5, polarization_strength=0.1)
+  result = sparse_train_lib.train(config, str(tmp_path / "run"))
+  rep = result.summary["sparsity"]
+  ffn = model.get_preset("test").ffn_dim
+  assert rep["method"] == "polarization" and rep["ffn_dim_after"] == ffn // 2
+  small, small_cfg, _ = checkpoint_lib.load_params(rep["path"])
+  assert small_cfg.ffn_dim == ffn // 2
+  assert small["layers_0"]["mlp"]["down"]["kernel"].shape[0] == small_cfg.ffn_dim
+  trained, _, _ = checkpoint_lib.load_params(str(tmp_path / "run"))
+  gates = np.asarray(trained["neuron_gates"]["layers_0"])
+  assert not np.allclose(gates, 1.0)  # the gates trained

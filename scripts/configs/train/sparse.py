@@ -1,7 +1,7 @@
 r"""python -m scripts.train --config=scripts/configs/train/sparse.py:gradual --workdir=runs/sparse
 
 Training-time sparsity from scratch (`scripts.sparse_train_lib`): the argument is
-METHOD[,PRESET] with METHOD one of none, oneshot, gradual, set, rigl, granet,
+METHOD[,PRESET] with METHOD one of none, oneshot, gradual, set, rigl, granet, polarization,
 movement, pdp (default gradual) and PRESET a model preset (default tiny), e.g.
 `sparse.py:rigl,test`. The `sparsity` section (defaults in
 `sparse_train_lib.default_config`) sets the target sparsity, the mask-update
