@@ -154,7 +154,10 @@ def prune_calibrated(params, method: str, targets: Mapping[str, Target],
     calib_lib.check_stats(stats, paths, hessian=hessian)
     for p in paths:
       local = p[len(prefix):]
-      new, keep = _prune_kernel(method, _get(tree, local), stats[p], targets[p], opts)
+      try:
+        new, keep = _prune_kernel(method, _get(tree, local), stats[p], targets[p], opts)
+      except ValueError as e:  # e.g. a Hessian that stays singular after the damping retries
+        raise ValueError(f"{method} on {p}: {e}") from None
       tree, masks[p] = _set(tree, local, new), keep
     return tree
 

@@ -101,6 +101,7 @@ def test_parse_rule():
 import quant  # noqa: E402
 from model.calibration import Calibration, calibrate  # noqa: E402
 from model.qarray import dequantize  # noqa: E402
+from quant import obs  # noqa: E402
 from sparsity import distributions, oneshot, structures  # noqa: E402
 
 
@@ -258,3 +259,12 @@ def test_joint_sparsegpt_int4_beats_prune_then_round(params, calib):
   q_kernel = np.asarray(deq(joint)["layers_0"]["attn"]["q"]["kernel"])
   assert not q_kernel[~np.asarray(_kernels(masks)["layers_0/attn/q/kernel"])].any()
   assert _layer_error(stats, params, deq(joint)) < _layer_error(stats, params, deq(two_step))
+
+
+def test_singular_hessian_error_names_the_layer(params, calib, monkeypatch):
+  def never(*a, **k):
+    raise ValueError("hessian (64x64) stays singular after 4 damping retries")
+
+  monkeypatch.setattr(obs, "damped_inverse_cholesky", never)
+  with pytest.raises(ValueError, match=r"sparsegpt on layers_0/attn/k/kernel: hessian .* singular"):
+    sparsity.prune(params, "sparsegpt:0.5", calib=calib)
