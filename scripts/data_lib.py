@@ -328,7 +328,7 @@ def calibration_batches(data, n_seqs: int, seq_len: int, *, seed: int = 0,
     seg = np.zeros((n_seqs, seq_len), np.int32)
     for i, s in enumerate(starts):
       raw = stream.tokens[s:s + byte_len]
-      text = bytes(int(b) for b in raw if b < 256).decode("utf-8", errors="ignore")
+      text = raw[raw < 256].astype(np.uint8).tobytes().decode("utf-8", errors="ignore")
       ids = tokenizer.encode(text)[:seq_len]
       tokens[i, :len(ids)], seg[i, :len(ids)] = ids, 1
     rows = {"tokens": tokens, "segment_ids": seg}

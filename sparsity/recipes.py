@@ -327,7 +327,8 @@ def _saliency(params, *, rules, calib, key, cfg, scope="layerwise", sparsity):
   del key, cfg
   targets = calibrated.plan_targets(params, calibrated.Target(sparsity), rules)
   grads = calibrated.calibration_grads(params, calib)
-  g = dict(zip(flatten(grads)[0], flatten(grads)[1], strict=True))
+  gpaths, gleaves, _ = flatten(grads)
+  g = dict(zip(gpaths, gleaves, strict=True))
   score = lambda p, w, i=None: jnp.abs(w * g[p])
   if scope == "global":
     masks = masks_lib.masks_from_scores(params, lambda p, w, i: score(p, w), sparsity,

@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 
+from model.tokenizer import ByteTokenizer
 from scripts import data_lib
 from scripts.configs.train import lm as train_config
 
@@ -176,3 +177,17 @@ def test_empty_folder_and_file(tmp_path):
     data_lib.validate(_data(corpus="files", path=str(tmp_path)))
   with pytest.raises(ValueError, match="empty file"):
     data_lib.validate(_data(corpus="files", path=str(tmp_path / "empty.txt")))
+
+
+def test_calibration_batches_bytes_and_retokenized():
+  data = _data()
+  batches = data_lib.calibration_batches(data, 10, 64, seed=3, batch_size=4)
+  assert [b["tokens"].shape for b in batches] == [(4, 64), (4, 64), (2, 64)]
+  again = data_lib.calibration_batches(data, 10, 64, seed=3, batch_size=4)
+  np.testing.assert_array_equal(batches[1]["tokens"], again[1]["tokens"])  # seeded
+  assert all((b["segment_ids"] > 0).all() for b in batches)  # windows never run past the end
+  other = data_lib.calibration_batches(data, 3, 32, tokenizer=ByteTokenizer())
+  toks, seg = other[0]["tokens"], other[0]["segment_ids"]
+  assert toks.shape == (3, 32) and (toks[seg > 0] < 256).all()
+  with pytest.raises(ValueError, match="n_seqs=0"):
+    data_lib.calibration_batches(data, 0, 32)
