@@ -17,7 +17,7 @@ FORMATS = {
     "fp8": ("e4m3", 8), "fp8_e4m3": ("e4m3", 8), "fp8_e5m2": ("e5m2", 8),
 }
 GRANULARITIES = ("channel", "tensor")
-METHODS = ("rtn",)
+METHODS = ("rtn", "gptq")
 _OPTIONS = ("gN (e.g. g128)", *GRANULARITIES, "sym", "asym", *METHODS)
 
 

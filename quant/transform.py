@@ -16,6 +16,7 @@ import numpy as np
 from model import nm_array
 from model.qarray import QArray, dequantize, is_qarray
 from model.tree import flatten, is_weight_leaf, leaf_nbytes, match_rules, tree_nbytes
+from quant import calibrated
 from quant.recipes import QuantSpec, as_spec, default_rules
 from quant.rtn import _check_args, quantize_tensor
 
@@ -44,17 +45,24 @@ def quantize(params, spec, *, rules=(), calib=None, key=None) -> tuple[dict, dic
       LM head (`recipes.default_rules`).
     rules: `(regex, spec)` rules tried before the defaults, first match wins; a
       None spec keeps the leaf float, and every rule must win a path.
-    calib, key: the transform contract; round-to-nearest uses neither.
+    calib: a `model.calibration.Calibration`, for GPTQ specs ("int4:g128:gptq"):
+      kernels are quantized by `gptq_layer`, calibrated block by block on the
+      already-quantized blocks. key: the transform contract (unused).
   Returns (params with QArray leaves, JSON-able report).
   """
-  del calib, key
+  del key
   paths, specs, leaves = plan(params, spec, rules=rules)
+  gptq = {p: s for p, s in zip(paths, specs, strict=True) if s is not None and s.method == "gptq"}
+  solved = calibrated.gptq_quantize(params, gptq, calib) if gptq else {}
   out, layers = [], {}
   for path, s, w in zip(paths, specs, leaves, strict=True):
     if s is None:
       out.append(w)
       continue
-    if nm_array.is_nmarray(w):
+    if path in solved:
+      q = solved[path]
+      rel, max_abs = (float(v) for v in _errors(w, q))
+    elif nm_array.is_nmarray(w):
       # N:M compressed kernel: quantize its kept values (sparse x quantized, e.g. 2:4 + int4).
       q = nm_array.with_values(w, quantize_tensor(w.values, **s.tensor_kwargs()))
       rel, max_abs = (float(v) for v in _errors(w.values, q.values))
@@ -137,7 +145,7 @@ def _report(spec, rules, params, new_params, layers) -> dict:
   before, after = tree_nbytes(params), tree_nbytes(new_params)
   errs = [v["rel_fro_err"] for v in layers.values()]
   return dict(
-      recipe=_name(base), method="rtn",
+      recipe=_name(base), method=base.method if base is not None else "rtn",
       rules=[[r, _name(s)] for r, s in (*user, *default_rules(base))],
       n_quantized=len(layers), bytes_before=before, bytes_after=after,
       compression=before / after,

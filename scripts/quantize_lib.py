@@ -6,12 +6,13 @@ import json
 import os
 
 import quant
-from scripts import checkpoint_lib
+from scripts import checkpoint_lib, prune_lib
 
 REPORT_FILE = "quant_report.json"
 
 
-def quantize_checkpoint(workdir: str, out: str, spec, *, step: int | None = None) -> dict:
+def quantize_checkpoint(workdir: str, out: str, spec, *, step: int | None = None,
+                        calib_seqs: int = 128) -> dict:
   """Quantizes the checkpoint in `workdir` (latest step by default) into a checkpoint in `out`.
 
   `spec` is a recipe string ("int8", "int4:g128", ...), a QuantSpec or a rule list. The
@@ -23,7 +24,12 @@ def quantize_checkpoint(workdir: str, out: str, spec, *, step: int | None = None
     quant.parse_recipe(spec)  # bad recipes fail before anything is read or written
   out = checkpoint_lib.check_writable_dir(out, "--out", differ_from=workdir)
   params, model_cfg, step = checkpoint_lib.load_params(workdir, step)
-  qparams, report = quant.quantize(params, spec)
+  calib = None
+  if isinstance(spec, str) and quant.parse_recipe(spec).method == "gptq":
+    # Data-aware methods calibrate on train-split windows, as the prune script does.
+    calib = prune_lib.calibration(workdir, model_cfg, n_seqs=calib_seqs, seq_len=None,
+                                  seed=0, sequential=True)
+  qparams, report = quant.quantize(params, spec, calib=calib)
   recipe = report["recipe"]
   report = dict(report, source=os.path.abspath(workdir), source_step=step)
   ckpt = checkpoint_lib.save_params(out, qparams, model_cfg, step=step,
