@@ -33,8 +33,8 @@ def test_recipes_parse_and_round_trip():
     assert quant.parse_recipe(r).name == r
   with pytest.raises(ValueError, match=r"unknown format 'int3'.*'int4'.*'int8'"):
     quant.parse_recipe("int3")
-  with pytest.raises(ValueError, match=r"unknown option 'gptq'; valid options"):
-    quant.parse_recipe("int4:g128:gptq")
+  with pytest.raises(ValueError, match=r"unknown option 'awqq'; valid options.*gptq"):
+    quant.parse_recipe("int4:g128:awqq")
   with pytest.raises(ValueError, match="asym needs an int format"):
     quant.parse_recipe("fp8:asym")
 
