@@ -36,7 +36,7 @@ from jaxtyping import Array, Float
 from model.attention import context
 from model.config import ModelConfig
 from model.layers import Dense, Embed
-from model.transformer import Block, Transformer
+from model.transformer import Block, Transformer, param_shapes
 from model.tree import flatten
 
 
@@ -284,3 +284,19 @@ class Calibration:
   @property
   def n_tokens(self) -> int:
     return sum(int(split_batch(b)[0].size) for b in self.batches)
+
+
+def check_calibration(calib, params=None, *, what: str = "this recipe") -> Calibration:
+  """The calib= argument as a `Calibration` (whose cfg describes `params`), or a ValueError."""
+  if calib is None:
+    raise ValueError(f"{what} needs calib= (a model.calibration.Calibration with the model "
+                     "config and calibration token batches); got None")
+  if not isinstance(calib, Calibration):
+    raise ValueError(f"calib= must be a model.calibration.Calibration, got "
+                     f"{type(calib).__name__}")
+  if params is not None:
+    shapes = jax.tree.map(lambda x: tuple(x.shape), param_shapes(calib.cfg))
+    if shapes != jax.tree.map(lambda x: tuple(x.shape), params):
+      raise ValueError("calib.cfg does not describe these params (param shapes differ); "
+                       "pass the model config the params were trained with")
+  return calib

@@ -125,3 +125,18 @@ def tree_size(tree) -> int:
 def tree_nbytes(tree) -> int:
   """Bytes a tree occupies as stored, honest for packed QArray and NMArray leaves."""
   return sum(leaf_nbytes(x) for x in jax.tree.leaves(tree, is_leaf=is_weight_leaf))
+
+
+def get_path(tree, path: str):
+  """The node of a nested dict at a '/'-joined path ('layers_0/mlp/up/kernel')."""
+  for part in path.split("/"):
+    tree = tree[part]
+  return tree
+
+
+def replace_path(tree: dict, path: str, value) -> dict:
+  """A copy of nested dict `tree` with the node at `path` replaced (other nodes shared)."""
+  head, _, rest = path.partition("/")
+  out = dict(tree)
+  out[head] = replace_path(tree[head], rest, value) if rest else value
+  return out

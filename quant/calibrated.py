@@ -14,33 +14,9 @@ from collections.abc import Mapping
 
 from model import calibration as calib_lib
 from model.qarray import QArray
-from model.tree import is_weight_leaf
+from model.tree import get_path, is_weight_leaf, replace_path
 from quant.gptq import gptq_layer
 from quant.recipes import QuantSpec
-
-
-def check_calibration(calib) -> calib_lib.Calibration:
-  """The calib= argument as a `model.calibration.Calibration`, or a ValueError."""
-  if calib is None:
-    raise ValueError("GPTQ needs calib= (a model.calibration.Calibration with the model "
-                     "config and calibration token batches); got None")
-  if not isinstance(calib, calib_lib.Calibration):
-    raise ValueError(f"calib= must be a model.calibration.Calibration, got "
-                     f"{type(calib).__name__}")
-  return calib
-
-
-def _get(tree, path: str):
-  for part in path.split("/"):
-    tree = tree[part]
-  return tree
-
-
-def _set(tree: dict, path: str, value) -> dict:
-  head, _, rest = path.partition("/")
-  out = dict(tree)
-  out[head] = _set(tree[head], rest, value) if rest else value
-  return out
 
 
 def _gptq(kernel, stats: calib_lib.KernelStats, spec: QuantSpec, path: str) -> QArray:
@@ -56,7 +32,7 @@ def _gptq(kernel, stats: calib_lib.KernelStats, spec: QuantSpec, path: str) -> Q
 
 def gptq_quantize(params, specs: Mapping[str, QuantSpec], calib) -> dict[str, QArray]:
   """{path: QArray} for every path in `specs` (all GPTQ specs), calibrated as described above."""
-  calib = check_calibration(calib)
+  calib = calib_lib.check_calibration(calib, what="GPTQ")
   out: dict[str, QArray] = {}
   in_blocks = [p for p in specs if p.startswith("layers_")]
   others = [p for p in specs if not p.startswith("layers_")]
@@ -65,8 +41,8 @@ def gptq_quantize(params, specs: Mapping[str, QuantSpec], calib) -> dict[str, QA
     calib_lib.check_stats(stats, paths, hessian=True)
     for p in paths:
       local = p[len(prefix):]
-      out[p] = _gptq(_get(tree, local), stats[p], specs[p], p)
-      tree = _set(tree, local, out[p])
+      out[p] = _gptq(get_path(tree, local), stats[p], specs[p], p)
+      tree = replace_path(tree, local, out[p])
     return tree
 
   if calib.sequential:

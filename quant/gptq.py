@@ -127,7 +127,7 @@ def gptq_sweep(kernel: Float[Array, "in out"], hessian: Float[Array, "in in"], *
     scale, zero = jax.vmap(lambda g: _fit(g, maxq, symj))(
         w_live.reshape(n_groups, group_size, out_dim))
     gidx = np.arange(in_dim, dtype=np.int32) // group_size
-  else:  # placeholders: the sweep fits them
+  else:  # initial values only: the sweep refits each group at its first row
     scale = jnp.ones((n_groups, out_dim), jnp.float32)
     zero = jnp.zeros((n_groups, out_dim), jnp.float32)
     gidx = np.zeros(in_dim, np.int32)
@@ -188,12 +188,7 @@ def _sweep(kernel, hinv, dead, gidx, scale, zero, maxq, sym, *, bs: int, group: 
   """(u codes int32, q, scale, zero, loss): the blocked GPTQ sweep in the kernel's row order."""
   in_dim, out_dim = kernel.shape
   nblocks = -(-in_dim // bs)
-  pad = nblocks * bs - in_dim
-  kernel = jnp.where(dead[:, None], 0.0, kernel)
-  hinv = jnp.triu(hinv)
-  w_all = jnp.pad(kernel, ((0, pad), (0, 0)))
-  hinv = jnp.pad(hinv, ((0, pad), (0, pad)))
-  hinv = hinv + jnp.diag((jnp.arange(in_dim + pad) >= in_dim).astype(hinv.dtype))
+  w_all, hinv, pad = obs.pad_to_blocks(kernel, hinv, dead, bs)
   gidx = jnp.pad(gidx, (0, pad))
   u_all = jnp.zeros(w_all.shape, jnp.int32)
   hi = jax.lax.Precision.HIGHEST

@@ -307,18 +307,26 @@ def _lowest(x: Array, k: Array) -> Array:
   return (less | ties) & (k > 0)
 
 
+def pad_to_blocks(kernel: Array, hinv: Array, dead: Array, bs: int) -> tuple[Array, Array, int]:
+  """(kernel with dead rows zeroed, upper factor, padding): both padded to whole blocks.
+
+  Padded rows are zero weights with an identity factor, so they never change real
+  rows and every block of a sweep shares one compiled body.
+  """
+  in_dim = kernel.shape[0]
+  pad = -(-in_dim // bs) * bs - in_dim
+  kernel = jnp.pad(jnp.where(dead[:, None], 0.0, kernel), ((0, pad), (0, 0)))
+  hinv = jnp.pad(jnp.triu(hinv), ((0, pad), (0, pad)))
+  hinv = hinv + jnp.diag((jnp.arange(in_dim + pad) >= in_dim).astype(hinv.dtype))
+  return kernel, hinv, pad
+
+
 @functools.partial(jax.jit, static_argnames=("bs", "mode", "m"))
 def _sweep(kernel: Array, hinv: Array, k_blocks: Array, n: Array, quantize, dead: Array, *,
            bs: int, mode: str, m: int | None) -> tuple[Array, Array, Array]:
   in_dim, out_dim = kernel.shape
   nblocks = k_blocks.shape[0]
-  pad = nblocks * bs - in_dim
-  kernel = jnp.where(dead[:, None], 0.0, kernel)
-  hinv = jnp.triu(hinv)
-  # Padded rows are zero weights with an identity factor: they never change real rows.
-  w_all = jnp.pad(kernel, ((0, pad), (0, 0)))
-  hinv = jnp.pad(hinv, ((0, pad), (0, pad)))
-  hinv = hinv + jnp.diag((jnp.arange(in_dim + pad) >= in_dim).astype(hinv.dtype))
+  w_all, hinv, pad = pad_to_blocks(kernel, hinv, dead, bs)
   valid = jnp.arange(in_dim + pad) < in_dim
   keep_all = jnp.ones(w_all.shape, jnp.bool_)
   hi = jax.lax.Precision.HIGHEST

@@ -21,7 +21,7 @@ import numpy as np
 from model import calibration as calib_lib
 from model import transformer
 from model.config import ModelConfig
-from model.tree import flatten, is_weight_leaf
+from model.tree import flatten, get_path, is_weight_leaf, replace_path
 from quant import rtn
 from sparsity import oneshot
 from sparsity import rules as rules_lib
@@ -46,22 +46,6 @@ def check_finite(paths, leaves, what: str = "param") -> None:
   for path, leaf in zip(paths, leaves, strict=True):
     if not bool(jnp.isfinite(leaf).all()):
       raise ValueError(f"{what} {path} contains NaN or Inf; refusing to prune it")
-
-
-def check_calibration(calib, cfg_params) -> calib_lib.Calibration:
-  """The calib= argument as a `model.calibration.Calibration`, or a ValueError."""
-  if calib is None:
-    raise ValueError("this recipe needs calib= (a model.calibration.Calibration with the "
-                     "model config and calibration token batches); got None")
-  if not isinstance(calib, calib_lib.Calibration):
-    raise ValueError(f"calib= must be a model.calibration.Calibration, got "
-                     f"{type(calib).__name__}")
-  shapes = jax.tree.map(lambda x: tuple(x.shape), transformer.param_shapes(calib.cfg))
-  got = jax.tree.map(lambda x: tuple(x.shape), cfg_params)
-  if shapes != got:
-    raise ValueError("calib.cfg does not describe these params (param shapes differ); "
-                     "pass the model config the params were trained with")
-  return calib
 
 
 def plan_targets(params, target: Target, rules: rules_lib.Rules = (),
@@ -123,20 +107,6 @@ def _prune_kernel(method: str, kernel, stats: calib_lib.KernelStats, t: Target, 
   return (rtn.on_grid(new, scale, bits) if bits else new), keep
 
 
-def _set(tree: dict, path: str, value) -> dict:
-  """A copy of nested dict `tree` with `path` ('a/b/c') replaced."""
-  head, _, rest = path.partition("/")
-  out = dict(tree)
-  out[head] = _set(tree[head], rest, value) if rest else value
-  return out
-
-
-def _get(tree: dict, path: str):
-  for part in path.split("/"):
-    tree = tree[part]
-  return tree
-
-
 def prune_calibrated(params, method: str, targets: Mapping[str, Target],
                      calib: calib_lib.Calibration, **opts):
   """Prunes every kernel in `targets` with Wanda or SparseGPT: (params, mask tree).
@@ -155,10 +125,10 @@ def prune_calibrated(params, method: str, targets: Mapping[str, Target],
     for p in paths:
       local = p[len(prefix):]
       try:
-        new, keep = _prune_kernel(method, _get(tree, local), stats[p], targets[p], opts)
+        new, keep = _prune_kernel(method, get_path(tree, local), stats[p], targets[p], opts)
       except ValueError as e:  # e.g. a Hessian that stays singular after the damping retries
         raise ValueError(f"{method} on {p}: {e}") from None
-      tree, masks[p] = _set(tree, local, new), keep
+      tree, masks[p] = replace_path(tree, local, new), keep
     return tree
 
   in_blocks = [p for p in targets if p.startswith("layers_")]
@@ -212,7 +182,7 @@ def owl_sparsities(params, targets: Mapping[str, Target], calib: calib_lib.Calib
   ratios = []
   for name in names:
     scores = jnp.concatenate([
-        (jnp.abs(_get(params, p)) * stats[p].x_norm[:, None]).reshape(-1)
+        (jnp.abs(get_path(params, p)) * stats[p].x_norm[:, None]).reshape(-1)
         for p in by_layer[name]])
     ratios.append(float(jnp.mean(scores > outlier_m * jnp.mean(scores))))
   r = np.asarray(ratios, np.float64)

@@ -35,7 +35,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from model.calibration import Calibration, calibrate
+from model.calibration import Calibration, calibrate, check_calibration
 from model.config import ModelConfig
 from model.tree import flatten
 from sparsity import calibrated, distributions, structured, structures
@@ -111,7 +111,7 @@ def prune_with_masks(params, spec: str, *, calib=None, key=None, cfg: ModelConfi
   if method.needs_key and key is None:
     raise ValueError(f"recipe {spec!r} needs key= (a jax.random key); got None")
   if method.needs_calib or (method.structured and kwargs.get("score") == "activation"):
-    calibrated.check_calibration(calib, params)
+    check_calibration(calib, params)
   if method.needs_cfg:
     cfg = cfg if cfg is not None else getattr(calib, "cfg", None)
     if not isinstance(cfg, ModelConfig):
@@ -245,7 +245,7 @@ def _layer_sparsities(params, sparsity, rules, dist, calib, **owl) -> dict[str, 
             if spec[p] == rules_lib.PRUNE}
   if dist == "erk":
     return {p: 1.0 - d for p, d in distributions.erk_densities(chosen, sparsity).items()}
-  calibrated.check_calibration(calib, params)
+  check_calibration(calib, params)
   targets = calibrated.plan_targets(params, calibrated.Target(sparsity=sparsity), rules)
   owl = {k: v for k, v in dict(lam=owl.get("owl_lambda"), outlier_m=owl.get("owl_m")).items()
          if v is not None}
@@ -376,7 +376,7 @@ def shrink_recipe(params, spec: str, *, cfg: ModelConfig, calib: Calibration | N
                      f"{[n for n, m in PRUNE_METHODS.items() if m.structured]}")
   stats = None
   if kwargs.get("score") == "activation":
-    calibrated.check_calibration(calib, params)
+    check_calibration(calib, params)
     stats = _structured_stats(cfg, params, calib)
   return structured.prune_structured(cfg, params, **structured_kwargs(name, kwargs["sparsity"]),
                                      calib=stats)
