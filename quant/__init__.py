@@ -2,6 +2,7 @@
 
 from model.checkpoint import from_state_dict, qarray_manifest, to_state_dict
 from model.qarray import QArray, codes, dequantize, is_qarray, pack, unpack
+from quant.awq import awq_layer
 from quant.checkpoint import restore, save
 from quant.gptq import gptq_layer
 from quant.recipes import FORMATS, QuantSpec, default_rules, parse_recipe
@@ -9,8 +10,8 @@ from quant.rtn import quantize_tensor
 from quant.transform import abstract_quantize, format_report, plan, quantize
 
 __all__ = [
-    "FORMATS", "QArray", "QuantSpec", "abstract_quantize", "codes", "default_rules", "dequantize",
-    "format_report", "gptq_layer", "from_state_dict", "is_qarray", "pack", "parse_recipe", "plan",
-    "qarray_manifest", "quantize", "quantize_tensor", "restore", "save", "to_state_dict",
-    "unpack",
+    "FORMATS", "QArray", "QuantSpec", "abstract_quantize", "awq_layer", "codes", "default_rules",
+    "dequantize", "format_report", "from_state_dict", "gptq_layer", "is_qarray", "pack",
+    "parse_recipe", "plan", "qarray_manifest", "quantize", "quantize_tensor", "restore", "save",
+    "to_state_dict", "unpack",
 ]
