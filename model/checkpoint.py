@@ -38,7 +38,7 @@ def qarray_manifest(params) -> dict[str, dict]:
   """JSON-able static fields of every QArray (inside NMArrays too), keyed by param path."""
   paths, leaves, _ = flatten(params, is_leaf=is_qarray)  # an NMArray's are `.../values`
   return {p: dict(shape=list(q.shape), bits=q.bits, fmt=q.fmt, group_size=q.group_size,
-                  dtype=jnp.dtype(q.dtype).name)
+                  dtype=jnp.dtype(q.dtype).name, act_bits=q.act_bits)
           for p, q in zip(paths, leaves, strict=True) if is_qarray(q)}
 
 
@@ -88,7 +88,8 @@ def from_state_dict(state: dict, manifest: dict, nm_manifest: dict | None = None
         raise ValueError(f"state at {prefix!r} is not a stored QArray (keys values/scale)")
       return QArray(values=node["values"], scale=node["scale"], zero=node.get("zero"),
                     shape=tuple(m["shape"]), bits=m["bits"], fmt=m["fmt"],
-                    group_size=m["group_size"], dtype=jnp.dtype(m["dtype"]))
+                    group_size=m["group_size"], dtype=jnp.dtype(m["dtype"]),
+                    act_bits=m.get("act_bits"))
     if isinstance(node, dict):
       return {k: rebuild(v, f"{prefix}/{k}" if prefix else str(k)) for k, v in node.items()}
     return node

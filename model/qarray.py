@@ -30,6 +30,8 @@ class QArray:
   scale: same rank as the logical shape; per-tensor / per-channel shapes
     broadcast, per-group scales have `shape[0] // group_size` rows.
   zero: optional zero point in code units (asymmetric formats), shaped like scale.
+  act_bits: None for weight-only; 8 for W8A8: `model.ops.dot` quantizes the
+    activations per token (dynamic symmetric int8) and multiplies int8 x int8.
   """
 
   values: Array
@@ -40,6 +42,7 @@ class QArray:
   fmt: str = dataclasses.field(default="int", metadata=dict(static=True))
   group_size: int | None = dataclasses.field(default=None, metadata=dict(static=True))
   dtype: Any = dataclasses.field(default=jnp.float32, metadata=dict(static=True))
+  act_bits: int | None = dataclasses.field(default=None, metadata=dict(static=True))
 
   @property
   def packing(self) -> int:
@@ -64,7 +67,8 @@ class QArray:
     g = f", group={self.group_size}" if self.group_size else ""
     z = ", asym" if self.zero is not None else ""
     name = f"int{self.bits}" if self.fmt == "int" else f"fp8_{self.fmt}"
-    return f"QArray({name}, shape={self.shape}{g}{z})"
+    a = f", a{self.act_bits}" if self.act_bits else ""
+    return f"QArray({name}, shape={self.shape}{g}{z}{a})"
 
 
 def _nbytes(x) -> int:

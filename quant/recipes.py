@@ -1,9 +1,20 @@
-"""Quantization specs and the recipe-string registry (`--quant=int4:g128:asym`).
+"""Quantization specs and the recipe-string registry (`--quant=int4:g128:gptq+2:4`).
 
-Grammar: `FORMAT[:OPTION...]` with FORMAT one of `FORMATS` and options
-`gN` (per-group scales, N rows of the input axis), `channel` (default: one
-scale per output channel), `tensor` (one scale), `sym` (default) / `asym`
-(int zero point), and a method from `METHODS` (default `rtn`).
+Grammar: `FORMAT[:OPTION...][+N:M]`.
+
+FORMAT is one of `FORMATS` (int8 / int4 / int2, fp8 e4m3 / e5m2, fp6 e2m3 / e3m2,
+fp4 e2m1, nf4) or `w8a8` (int8 weights, per-token dynamic int8 activations).
+OPTIONs:
+  `gN`                 per-group scales, N consecutive rows of the input axis
+  `channel` / `tensor` one scale per output channel (default) / one per tensor
+  `sym` / `asym`       symmetric (default) or an integer zero point (int formats)
+  `clip=absmax|mse|pP` RTN range: absmax (default), the MSE-optimal shrink of it
+                       (grid search), or the P-th percentile of |w| (e.g. `clip=p99.9`)
+  a method             `rtn` (default), `gptq`, `awq`, `smoothquant` (W8A8 only)
+  `act_order`          GPTQ: sweep inputs by descending Hessian diagonal
+  `alpha=A`            SmoothQuant migration strength in [0, 1] (default 0.5)
+`+N:M` (GPTQ only) prunes N:M (n kept of every m inputs) in the same OBS sweep that
+quantizes, as SparseGPT's joint mode: `int4:g128:gptq+2:4`.
 """
 
 from __future__ import annotations
@@ -15,15 +26,29 @@ import re
 FORMATS = {
     "int8": ("int", 8), "int4": ("int", 4), "int2": ("int", 2),
     "fp8": ("e4m3", 8), "fp8_e4m3": ("e4m3", 8), "fp8_e5m2": ("e5m2", 8),
+    "fp6": ("e2m3", 6), "fp6_e2m3": ("e2m3", 6), "fp6_e3m2": ("e3m2", 6),
+    "fp4": ("e2m1", 4), "fp4_e2m1": ("e2m1", 4), "nf4": ("nf4", 4),
 }
+# W8A8: int8 weights with act_bits=8 (activations quantized per token at each dot).
+ACT_FORMATS = {"w8a8": ("int", 8, 8)}
 GRANULARITIES = ("channel", "tensor")
-METHODS = ("rtn", "gptq")
-_OPTIONS = ("gN (e.g. g128)", *GRANULARITIES, "sym", "asym", *METHODS)
+METHODS = ("rtn", "gptq", "awq", "smoothquant")
+CLIPS = ("absmax", "mse", "pP (percentile, e.g. p99.9)")
+_OPTIONS = ("gN (e.g. g128)", *GRANULARITIES, "sym", "asym", *METHODS, "act_order",
+            "clip=absmax|mse|pP", "alpha=A")
+
+
+def _check_clip(clip) -> None:
+  if clip in ("absmax", "mse"):
+    return
+  m = re.fullmatch(r"p(\d+(?:\.\d*)?)", clip) if isinstance(clip, str) else None
+  if m is None or not 0.0 < float(m.group(1)) <= 100.0:
+    raise ValueError(f"QuantSpec: clip={clip!r}; valid: {list(CLIPS)} with 0 < P <= 100")
 
 
 @dataclasses.dataclass(frozen=True)
 class QuantSpec:
-  """How to quantize one kernel: format, bits, scale granularity, symmetry, method."""
+  """How to quantize one kernel: format, scales, symmetry, clipping, method and its options."""
 
   bits: int = 8
   fmt: str = "int"
@@ -31,12 +56,18 @@ class QuantSpec:
   granularity: str = "channel"  # "channel" | "tensor"; ignored when group_size is set
   symmetric: bool = True
   method: str = "rtn"
+  clip: str = "absmax"  # RTN range: "absmax" | "mse" | "p99.9" (percentile of |w|)
+  act_bits: int | None = None  # 8: W8A8 (dynamic per-token int8 activations)
+  act_order: bool = False  # GPTQ
+  alpha: float = 0.5  # SmoothQuant
+  sparse: tuple[int, int] | None = None  # GPTQ + N:M pruning in one sweep
 
   def __post_init__(self):
     if (self.fmt, self.bits) not in FORMATS.values():
       raise ValueError(f"QuantSpec: (fmt={self.fmt!r}, bits={self.bits!r}) is not a format; "
                        f"valid: {sorted(set(FORMATS.values()))}")
-    if self.group_size is not None and (not isinstance(self.group_size, int)
+    if self.group_size is not None and (isinstance(self.group_size, bool)
+                                        or not isinstance(self.group_size, int)
                                         or self.group_size < 1):
       raise ValueError(f"QuantSpec: group_size={self.group_size!r} must be a positive int")
     if self.granularity not in GRANULARITIES:
@@ -45,6 +76,38 @@ class QuantSpec:
       raise ValueError(f"QuantSpec: asym needs an int format, got fmt={self.fmt!r}")
     if self.method not in METHODS:
       raise ValueError(f"QuantSpec: method={self.method!r}; valid: {METHODS}")
+    _check_clip(self.clip)
+    if self.clip != "absmax" and self.method != "rtn":
+      raise ValueError(f"QuantSpec: clip={self.clip!r} is an RTN option; {self.method} "
+                       "chooses its own ranges")
+    if self.act_bits not in (None, 8):
+      raise ValueError(f"QuantSpec: act_bits={self.act_bits!r}; valid: None, 8")
+    if self.act_bits and (self.fmt, self.bits) != ("int", 8):
+      raise ValueError(f"QuantSpec: act_bits=8 (W8A8) needs int8 weights, got "
+                       f"(fmt={self.fmt!r}, bits={self.bits})")
+    if self.act_bits and (self.group_size or not self.symmetric):
+      raise ValueError("QuantSpec: W8A8 weights are symmetric per channel (or tensor); "
+                       f"got group_size={self.group_size}, symmetric={self.symmetric}")
+    if self.method in ("gptq", "awq") and self.fmt != "int":
+      raise ValueError(f"QuantSpec: method={self.method!r} needs an int format, got "
+                       f"fmt={self.fmt!r}")
+    if self.method == "smoothquant" and not self.act_bits:
+      raise ValueError("QuantSpec: method='smoothquant' migrates activation outliers for "
+                       "W8A8; use the format w8a8 (e.g. 'w8a8:smoothquant')")
+    if self.method == "awq" and self.granularity == "tensor" and not self.group_size:
+      raise ValueError("QuantSpec: awq scales are per channel or per group, not per tensor")
+    if self.act_order and self.method != "gptq":
+      raise ValueError(f"QuantSpec: act_order is a GPTQ option, method={self.method!r}")
+    if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) \
+        or not 0.0 <= self.alpha <= 1.0:
+      raise ValueError(f"QuantSpec: alpha={self.alpha!r} must lie in [0, 1]")
+    if self.sparse is not None:
+      n, m = self.sparse
+      if self.method != "gptq":
+        raise ValueError(f"QuantSpec: +{n}:{m} (joint pruning) needs method gptq, got "
+                         f"{self.method!r}")
+      if not (isinstance(n, int) and isinstance(m, int) and 1 <= n < m):
+        raise ValueError(f"QuantSpec: sparse={self.sparse!r} must be N:M with 1 <= N < M")
 
   @property
   def axis(self) -> int | None:
@@ -54,7 +117,10 @@ class QuantSpec:
   @property
   def name(self) -> str:
     """Canonical recipe string; `parse_recipe(spec.name) == spec`."""
-    fmt = next(k for k, v in FORMATS.items() if v == (self.fmt, self.bits))
+    if self.act_bits:
+      fmt = next(k for k, v in ACT_FORMATS.items() if v == (self.fmt, self.bits, self.act_bits))
+    else:
+      fmt = next(k for k, v in FORMATS.items() if v == (self.fmt, self.bits))
     parts = [fmt]
     if self.group_size:
       parts.append(f"g{self.group_size}")
@@ -62,28 +128,47 @@ class QuantSpec:
       parts.append(self.granularity)
     if not self.symmetric:
       parts.append("asym")
+    if self.clip != "absmax":
+      parts.append(f"clip={self.clip}")
     if self.method != "rtn":
       parts.append(self.method)
-    return ":".join(parts)
+    if self.act_order:
+      parts.append("act_order")
+    if self.alpha != 0.5:
+      parts.append(f"alpha={self.alpha:g}")
+    name = ":".join(parts)
+    return name + (f"+{self.sparse[0]}:{self.sparse[1]}" if self.sparse else "")
 
   def tensor_kwargs(self) -> dict:
-    """Keyword arguments for `quantize_tensor`."""
-    return dict(bits=self.bits, fmt=self.fmt, group_size=self.group_size,
-                symmetric=self.symmetric, axis=self.axis)
+    """Keyword arguments for `quantize_tensor` (RTN)."""
+    kw = dict(bits=self.bits, fmt=self.fmt, group_size=self.group_size,
+              symmetric=self.symmetric, axis=self.axis)
+    return kw if self.clip == "absmax" else dict(kw, clip=self.clip)
 
 
 def parse_recipe(recipe: str) -> QuantSpec:
-  """Parses a recipe string such as "int8", "int4:g128", "int4:g32:asym" into a QuantSpec."""
+  """Parses a recipe string ("int8", "int4:g128", "w8a8:smoothquant", "int4:g128:gptq+2:4")."""
+  valid = sorted([*FORMATS, *ACT_FORMATS])
   if not isinstance(recipe, str) or not recipe.strip():
     raise ValueError(f"quant recipe={recipe!r} must be a non-empty string like 'int8' or "
-                     f"'int4:g128'; formats: {sorted(FORMATS)}")
-  head, *opts = recipe.strip().lower().split(":")
-  if head not in FORMATS:
-    raise ValueError(f"quant recipe={recipe!r}: unknown format {head!r}; valid formats: "
-                     f"{sorted(FORMATS)}")
-  fmt, bits = FORMATS[head]
-  kw: dict = dict(fmt=fmt, bits=bits)
+                     f"'int4:g128'; formats: {valid}")
+  body, plus, sparse = recipe.strip().lower().partition("+")
+  head, *opts = body.split(":")
+  kw: dict = {}
+  if head in FORMATS:
+    kw["fmt"], kw["bits"] = FORMATS[head]
+  elif head in ACT_FORMATS:
+    kw["fmt"], kw["bits"], kw["act_bits"] = ACT_FORMATS[head]
+  else:
+    raise ValueError(f"quant recipe={recipe!r}: unknown format {head!r}; valid formats: {valid}")
+  if plus:
+    m = re.fullmatch(r"(\d+):(\d+)", sparse)
+    if m is None:
+      raise ValueError(f"quant recipe={recipe!r}: the part after '+' must be N:M (e.g. 2:4), "
+                       f"got {sparse!r}")
+    kw["sparse"] = (int(m.group(1)), int(m.group(2)))
   for opt in opts:
+    key, eq, val = opt.partition("=")
     if m := re.fullmatch(r"g(\d+)", opt):
       kw["group_size"] = int(m.group(1))
       if kw["group_size"] < 1:
@@ -94,6 +179,15 @@ def parse_recipe(recipe: str) -> QuantSpec:
       kw["symmetric"] = opt == "sym"
     elif opt in METHODS:
       kw["method"] = opt
+    elif opt == "act_order":
+      kw["act_order"] = True
+    elif eq and key == "clip":
+      kw["clip"] = val
+    elif eq and key == "alpha":
+      try:
+        kw["alpha"] = float(val)
+      except ValueError:
+        raise ValueError(f"quant recipe={recipe!r}: alpha={val!r} is not a number") from None
     else:
       raise ValueError(f"quant recipe={recipe!r}: unknown option {opt!r}; valid options: "
                        f"{list(_OPTIONS)}")

@@ -31,7 +31,7 @@ def test_save_restore_round_trip(tmp_path, cfg, params):
   _assert_same_tree(restored, q)
   assert info["report"]["n_quantized"] == 14
   assert info["qarrays"]["layers_1/attn/q/kernel"] == dict(
-      shape=[64, 64], bits=4, fmt="int", group_size=16, dtype="float32")
+      shape=[64, 64], bits=4, fmt="int", group_size=16, dtype="float32", act_bits=None)
   # A target from abstract_quantize restores straight into QArrays (the sharded route).
   target = quant.abstract_quantize(model.param_shapes(cfg), RULES)
   direct, _ = quant.restore(str(tmp_path / "q"), target)
