@@ -9,6 +9,8 @@ embedding and LM head, then the recipe on every `kernel`), first match wins, a
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -67,7 +69,7 @@ def quantize(params, spec, *, rules=(), calib=None, key=None) -> tuple[dict, dic
       q = nm_array.with_values(w, quantize_tensor(w.values, **s.tensor_kwargs()))
       rel, max_abs = (float(v) for v in _errors(w.values, q.values))
     else:
-      q = quantize_tensor(w, **s.tensor_kwargs())
+      q = _with_act_bits(quantize_tensor(w, **s.tensor_kwargs()), s)
       rel, max_abs = (float(v) for v in _errors(w, q))
     layers[path] = dict(spec=s.name, shape=list(w.shape), dtype=str(jnp.dtype(w.dtype)),
                         bytes_before=leaf_nbytes(w), bytes_after=leaf_nbytes(q),
@@ -84,10 +86,15 @@ def abstract_quantize(abstract_params, spec, *, rules=()):
     if nm_array.is_nmarray(w):
       return nm_array.with_values(w, jax.eval_shape(
           lambda x: quantize_tensor(x, **s.tensor_kwargs()), w.values))
-    return jax.eval_shape(lambda x: quantize_tensor(x, **s.tensor_kwargs()), w)
+    return jax.eval_shape(lambda x: _with_act_bits(quantize_tensor(x, **s.tensor_kwargs()), s), w)
 
   out = [w if s is None else qt(w, s) for s, w in zip(specs, leaves, strict=True)]
   return jax.tree.unflatten(jax.tree.structure(abstract_params, is_leaf=is_weight_leaf), out)
+
+
+def _with_act_bits(q: QArray, s: QuantSpec) -> QArray:
+  """W8A8 specs mark the leaf: `model.ops.dot` then quantizes its activations per token."""
+  return dataclasses.replace(q, act_bits=s.act_bits) if s.act_bits else q
 
 
 def _split(spec, rules) -> tuple[QuantSpec | None, list]:
