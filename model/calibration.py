@@ -6,6 +6,8 @@ calibration tokens
 
   xtx      = sum_t x_t x_t^T        f32[in, in]   (SparseGPT / GPTQ Hessian, up to scale)
   sq_norm  = sum_t x_t ** 2         f32[in]       (Wanda: x_norm = sqrt(sq_norm))
+  abs_sum  = sum_t |x_t|            f32[in]       (AWQ: x_max = abs_sum / count)
+  abs_max  = max_t |x_t|            f32[in]       (SmoothQuant's activation scales)
   count    = number of tokens
 
 without storing the activations: each batch's contribution is reduced inside
@@ -48,6 +50,15 @@ class KernelStats:
   xtx: Float[Array, "In In"] | None
   sq_norm: Float[Array, " In"]
   count: Array  # i32 scalar: number of calibration tokens seen
+  abs_sum: Float[Array, " In"] | None = None  # sum_t |x_t|
+  abs_max: Float[Array, " In"] | None = None  # max_t |x_t|
+
+  @property
+  def abs_mean(self) -> Float[Array, " In"]:
+    """Mean |x| of each input channel (llm-awq's activation scale `x_max`)."""
+    if self.abs_sum is None:
+      raise ValueError("these statistics have no abs_sum (captured before it existed)")
+    return self.abs_sum / jnp.maximum(self.count, 1).astype(jnp.float32)
 
   @property
   def x_norm(self) -> Float[Array, " In"]:
@@ -61,8 +72,10 @@ class KernelStats:
     return self.xtx * (2.0 / jnp.maximum(self.count, 1).astype(jnp.float32))
 
   def __add__(self, other: KernelStats) -> KernelStats:
-    xtx = None if self.xtx is None or other.xtx is None else self.xtx + other.xtx
-    return KernelStats(xtx, self.sq_norm + other.sq_norm, self.count + other.count)
+    both = lambda a, b, f: None if a is None or b is None else f(a, b)
+    return KernelStats(both(self.xtx, other.xtx, jnp.add), self.sq_norm + other.sq_norm,
+                       self.count + other.count, both(self.abs_sum, other.abs_sum, jnp.add),
+                       both(self.abs_max, other.abs_max, jnp.maximum))
 
 
 Stats = dict[str, KernelStats]
@@ -82,8 +95,10 @@ def _capture(weights_BT, want: Callable[[str], bool], hessian: bool, out: dict, 
       if want(path):
         x_NI = args[0].astype(jnp.float32)
         x_NI = (x_NI * weights_BT[..., None]).reshape(-1, x_NI.shape[-1])
+        a_NI = jnp.abs(x_NI)
         stats = KernelStats(x_NI.T @ x_NI if hessian else None, jnp.sum(x_NI * x_NI, 0),
-                            jnp.sum(weights_BT > 0).astype(jnp.int32))
+                            jnp.sum(weights_BT > 0).astype(jnp.int32), jnp.sum(a_NI, 0),
+                            jnp.max(a_NI, 0))
         out[path] = out[path] + stats if path in out else stats
     return next_fun(*args, **kwargs)
 
@@ -300,3 +315,20 @@ def check_calibration(calib, params=None, *, what: str = "this recipe") -> Calib
       raise ValueError("calib.cfg does not describe these params (param shapes differ); "
                        "pass the model config the params were trained with")
   return calib
+
+
+def block_inputs(cfg: ModelConfig, params, batches: Iterable[Batch]):
+  """Yields `(layer, [(x_BTD, positions, segment_ids), ...])`: each block's float inputs.
+
+  The residual stream entering block `layer` for every batch, computed block by block
+  with the given params (for searches that need a block's real activations, as AWQ's
+  module-level losses); only one block's inputs are held at a time.
+  """
+  data = _check_batches(cfg, batches)
+  prepared = [(_positions_weights(tokens, seg), tokens) for tokens, seg in data]
+  xs = [_embed(cfg, params["embed"], tokens) for _, tokens in prepared]
+  for i in range(cfg.n_layers):
+    yield i, [(x, positions, seg) for ((positions, seg, _), _), x in zip(prepared, xs,
+                                                                           strict=True)]
+    xs = [_block_forward(cfg, params[f"layers_{i}"], x, positions, seg, layer=i)
+          for ((positions, seg, _), _), x in zip(prepared, xs, strict=True)]

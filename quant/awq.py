@@ -238,3 +238,104 @@ def awq_layer(kernel: Float[Array, "In Out"], x: Float[Array, "N In"], *, bits: 
   q, s, _ = awq_layer_with_report(kernel, x, bits=bits, group_size=group_size, n_grid=n_grid,
                                   max_shrink=max_shrink, n_sample_token=n_sample_token)
   return q, s
+
+
+# ---------------------------------------------------------------- from calibration statistics
+#
+# The model-level recipe (`quant.quantize(params, "int4:g128:awq", calib=...)`) does not keep
+# activations: both searches' losses are quadratic forms of the weight error, so they are
+# computed exactly from X^T X (model.calibration.KernelStats): for an error E = W - W_hat,
+# mean((x @ E) ** 2) = trace(E^T X^T X E) / (n * out). Two differences from upstream follow:
+# the clip search sees every calibration token (no `n_sample_token` subsample), and a group of
+# kernels sharing one input (q / k / v, gate / up) is scored on their concatenated outputs
+# rather than on the attention / MLP module output.
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "group_size", "n_grid"))
+def _scale_search_xtx(kernel, xtx, x_max, count, *, bits, group_size, n_grid):
+  w = kernel.astype(jnp.float32)
+  ratios = jnp.arange(n_grid, dtype=jnp.float32) / n_grid
+  norm = count.astype(jnp.float32) * w.shape[1]
+
+  def loss(r):
+    s = _ratio_scale(x_max, r)
+    e = w - _fake_quant(w * s[:, None], bits, group_size) / s[:, None]
+    return jnp.sum(jnp.dot(xtx, e, precision=_HI) * e) / norm
+
+  losses = jax.lax.map(loss, ratios)
+  best = jnp.argmin(losses)
+  return _ratio_scale(x_max, ratios[best]), best, losses
+
+
+def awq_scale_search_stats(kernel: Float[Array, "In Out"], xtx: Float[Array, "In In"],
+                           x_max: Float[Array, " In"], count, *, bits: int,
+                           group_size: int | None = 128, n_grid: int = 20):
+  """`awq_scale_search` from statistics: X^T X, mean |x| per channel and the token count.
+
+  `kernel` may be several kernels sharing the input, concatenated along the output axis.
+  Returns (in_scale f32[in], ratio, losses f32[n_grid]); the losses equal
+  `awq_scale_search`'s on the same tokens.
+  """
+  n_in = np.shape(kernel)[0]
+  _check("awq_scale_search_stats", kernel, np.zeros((1, n_in), np.float32), bits, group_size,
+         n_grid=n_grid)
+  _check_stats("awq_scale_search_stats", n_in, xtx, x_max)
+  s, best, losses = _scale_search_xtx(jnp.asarray(kernel), jnp.asarray(xtx), jnp.asarray(x_max),
+                                      jnp.asarray(count), bits=bits, group_size=group_size,
+                                      n_grid=n_grid)
+  return s, int(best) / n_grid, losses
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "group_size", "n_grid", "n_shrink"))
+def _clip_search_xtx(kernel, xtx, *, bits, group_size, n_grid, n_shrink):
+  wg = _groups(kernel.astype(jnp.float32), group_size)  # [G, g, out]
+  n_groups, g = wg.shape[:2]
+  blocks = xtx.reshape(n_groups, g, n_groups, g)[jnp.arange(n_groups), :, jnp.arange(n_groups)]
+  org_max = jnp.max(jnp.abs(wg), axis=1, keepdims=True)
+  factors = 1.0 - jnp.arange(n_shrink, dtype=jnp.float32) / n_grid
+
+  def err(f):
+    mv = org_max * f
+    e = wg - _fake_quant_groups(jnp.clip(wg, -mv, mv), bits)
+    return jnp.sum(jnp.einsum("gij,gjo->gio", blocks, e, precision=_HI) * e, axis=1)
+
+  errs = jax.lax.map(err, factors)  # [F, G, out]
+  best = jnp.argmin(errs, axis=0)
+  return org_max[:, 0, :] * factors[best], best
+
+
+def awq_clip_search_stats(kernel: Float[Array, "In Out"], xtx: Float[Array, "In In"], *,
+                          bits: int, group_size: int | None = 128, n_grid: int = 20,
+                          max_shrink: float = 0.5):
+  """`awq_clip_search` from X^T X of the (already scaled) inputs: (max_val [G, out], index).
+
+  Each group's error is `e^T (X^T X)_gg e` over every token, so the choice equals
+  `awq_clip_search` on those tokens without subsampling.
+  """
+  n_in = np.shape(kernel)[0]
+  _check("awq_clip_search_stats", kernel, np.zeros((1, n_in), np.float32), bits, group_size,
+         n_grid, max_shrink)
+  _check_stats("awq_clip_search_stats", n_in, xtx)
+  return _clip_search_xtx(jnp.asarray(kernel), jnp.asarray(xtx), bits=bits,
+                          group_size=group_size, n_grid=n_grid, n_shrink=int(max_shrink * n_grid))
+
+
+def clip_and_quantize(kernel: Float[Array, "In Out"], max_val: Float[Array, "G Out"] | None, *,
+                      bits: int, group_size: int | None = 128) -> QArray:
+  """The asymmetric grouped QArray of `kernel` clamped to ±max_val (None: no clamp)."""
+  kernel = jnp.asarray(kernel)
+  if max_val is None:
+    max_val = jnp.max(jnp.abs(_groups(kernel.astype(jnp.float32), group_size)), axis=1)
+  return _clip_and_quantize(kernel, jnp.asarray(max_val), bits=bits, group_size=group_size,
+                            dtype=kernel.dtype)
+
+
+def _check_stats(fn, n_in, xtx, x_max=None):
+  if tuple(np.shape(xtx)) != (n_in, n_in):
+    raise ValueError(f"{fn}: xtx shape {tuple(np.shape(xtx))} must be ({n_in}, {n_in})")
+  if x_max is not None and tuple(np.shape(x_max)) != (n_in,):
+    raise ValueError(f"{fn}: x_max shape {tuple(np.shape(x_max))} must be ({n_in},)")
+  for name, a in (("xtx", xtx), ("x_max", x_max)):
+    if a is not None and not isinstance(a, jax.core.Tracer) and not bool(
+        jnp.all(jnp.isfinite(jnp.asarray(a)))):
+      raise ValueError(f"{fn}: {name} contains NaN or Inf; all values must be finite")

@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
+from model.nm_array import NMArray, compress_nm, with_values
 from model.qarray import INT_BITS, QArray, pack
 from quant import obs
 
@@ -240,3 +241,75 @@ def _sweep(kernel, hinv, dead, gidx, scale, zero, maxq, sym, *, bs: int, group: 
   init = (w_all, u_all, scale, zero, jnp.zeros((), jnp.float32))
   w_all, u_all, scale, zero, loss = jax.lax.fori_loop(0, nblocks, block, init)
   return u_all[:in_dim], w_all[:in_dim], scale, zero, loss
+
+
+def _grid_row(scale, zero, gidx, maxq, row, index):
+  """One row fake-quantized on its group's (scale, zero) grid (the OBS sweep's hook)."""
+  g = gidx[index]
+  s, z = scale[g], zero[g]
+  return s * (jnp.clip(jnp.round(row / s) + z, 0.0, maxq) - z)
+
+
+def gptq_nm_layer(kernel: Float[Array, "in out"], hessian: Float[Array, "in in"], *, bits: int,
+                  n: int, m: int, group_size: int | None = None, sym: bool = False,
+                  blocksize: int = 128, percdamp: float = 0.01) -> NMArray:
+  """N:M pruning and GPTQ quantization in one OBS sweep (SparseGPT's joint mode).
+
+  Each input row's N:M mask is chosen by the OBS saliency `w^2 / U_ii^2` over its group
+  of m rows (as `sparsity.sparsegpt_layer`), its kept weights are rounded onto GPTQ's
+  min-max grid, and the error of both is spread over the later rows. The grids are
+  fitted before the sweep on the dense kernel (dead rows zeroed): one per output channel,
+  or per group of `group_size` consecutive input rows (`group_size` a multiple of m), as
+  upstream SparseGPT fits its quantizer on the dense weights. Returns an NMArray whose
+  kept values are a QArray (groups of `group_size * n / m` compressed rows, the same
+  dense groups); pruned entries are exact zeros.
+  """
+  kernel = _check_kernel(kernel)
+  in_dim, out_dim = kernel.shape
+  if isinstance(bits, bool) or bits not in INT_BITS:
+    raise ValueError(f"bits={bits!r} is not supported; valid: {INT_BITS}")
+  if not (_is_int(n) and _is_int(m) and 1 <= n < m):
+    raise ValueError(f"n:m = {n!r}:{m!r} must satisfy 1 <= n < m (n kept of every m inputs)")
+  if group_size is not None and (not _is_int(group_size) or group_size < 1
+                                 or in_dim % group_size or group_size % m):
+    raise ValueError(f"group_size={group_size!r} must be None or a positive multiple of m={m} "
+                     f"dividing the kernel's input dim {in_dim}")
+  rows_c = in_dim // m * n
+  per = 8 // bits
+  if in_dim % m or rows_c % per:
+    raise ValueError(f"kernel input dim {in_dim} must be divisible by m={m}, and the {rows_c} "
+                     f"kept rows by {per} (int{bits} packing)")
+  if not isinstance(sym, (bool, np.bool_)):
+    raise ValueError(f"sym={sym!r} must be a bool")
+  if not _is_int(blocksize) or blocksize < 1:
+    raise ValueError(f"blocksize={blocksize!r} must be an int >= 1")
+  obs.check_nm_fits(n, m, in_dim, blocksize)
+  percdamp = obs.check_percdamp(percdamp)
+  hessian = obs.check_hessian(hessian, in_dim)
+
+  w = kernel.astype(jnp.float32)
+  maxq, symj = jnp.float32(2 ** bits - 1), jnp.asarray(bool(sym))
+  dead = jnp.diagonal(hessian) == 0
+  if group_size is None:
+    scale, zero = _fit(w, maxq, symj)
+    scale, zero = scale[None], zero[None]
+    gidx = jnp.zeros(in_dim, jnp.int32)
+  else:
+    w_live = jnp.where(dead[:, None], 0.0, w)
+    scale, zero = jax.vmap(lambda g: _fit(g, maxq, symj))(
+        w_live.reshape(in_dim // group_size, group_size, out_dim))
+    gidx = jnp.arange(in_dim, dtype=jnp.int32) // group_size
+  fac = obs.damped_inverse_cholesky(hessian, percdamp=percdamp)
+  hook = jax.tree_util.Partial(_grid_row, scale, zero, gidx, maxq)
+  res = obs.obs_sweep(w, fac.hinv_upper, blocksize=blocksize, prune=obs.Prune.nm(n, m),
+                      quantize=hook, dead=fac.dead)
+  sparse = compress_nm(res.kernel, n, m, mask=res.keep)
+  gc = None if group_size is None else group_size // m * n
+  rows = jnp.zeros(rows_c, jnp.int32) if gc is None else jnp.arange(rows_c) // gc
+  s_r, z_r = scale[rows], zero[rows]
+  u = jnp.clip(jnp.round(sparse.values.astype(jnp.float32) / s_r) + z_r, 0.0, maxq)
+  half = 2 ** (bits - 1)
+  q = QArray(values=pack((u - half).astype(jnp.int8), bits), scale=scale,
+             zero=None if sym else (zero - half).astype(jnp.int8), shape=(rows_c, out_dim),
+             bits=bits, fmt="int", group_size=gc, dtype=kernel.dtype)
+  return with_values(sparse, q)

@@ -54,8 +54,16 @@ def quantize(params, spec, *, rules=(), calib=None, key=None) -> tuple[dict, dic
   """
   del key
   paths, specs, leaves = plan(params, spec, rules=rules)
-  gptq = {p: s for p, s in zip(paths, specs, strict=True) if s is not None and s.method == "gptq"}
-  solved = calibrated.gptq_quantize(params, gptq, calib) if gptq else {}
+  chosen = {p: s for p, s in zip(paths, specs, strict=True) if s is not None}
+  solved, scales = {}, {}
+  aware = {p: s for p, s in chosen.items() if s.method in ("awq", "smoothquant")}
+  if aware:
+    # Scales folded into the norms / preceding kernels change those leaves too.
+    params, solved, scales = calibrated.activation_aware(params, aware, calib)
+    leaves = flatten(params)[1]
+  gptq = {p: s for p, s in chosen.items() if s.method == "gptq"}
+  if gptq:
+    solved.update(calibrated.gptq_quantize(params, gptq, calib))
   out, layers = [], {}
   for path, s, w in zip(paths, specs, leaves, strict=True):
     if s is None:
@@ -63,30 +71,42 @@ def quantize(params, spec, *, rules=(), calib=None, key=None) -> tuple[dict, dic
       continue
     if path in solved:
       q = solved[path]
-      rel, max_abs = (float(v) for v in _errors(w, q))
+      rel, max_abs = (float(v) for v in _errors(w, _dense(q)))
     elif nm_array.is_nmarray(w):
       # N:M compressed kernel: quantize its kept values (sparse x quantized, e.g. 2:4 + int4).
       q = nm_array.with_values(w, quantize_tensor(w.values, **s.tensor_kwargs()))
-      rel, max_abs = (float(v) for v in _errors(w.values, q.values))
+      rel, max_abs = (float(v) for v in _errors(w.values, dequantize(q.values, jnp.float32)))
     else:
       q = _with_act_bits(quantize_tensor(w, **s.tensor_kwargs()), s)
-      rel, max_abs = (float(v) for v in _errors(w, q))
+      rel, max_abs = (float(v) for v in _errors(w, dequantize(q, jnp.float32)))
     layers[path] = dict(spec=s.name, shape=list(w.shape), dtype=str(jnp.dtype(w.dtype)),
                         bytes_before=leaf_nbytes(w), bytes_after=leaf_nbytes(q),
                         rel_fro_err=rel, max_abs_err=max_abs)
     out.append(q)
   new_params = jax.tree.unflatten(jax.tree.structure(params, is_leaf=is_weight_leaf), out)
-  return new_params, _report(spec, rules, params, new_params, layers)
+  report = _report(spec, rules, params, new_params, layers)
+  if scales:
+    report["scales"] = scales
+  return new_params, report
 
 
 def abstract_quantize(abstract_params, spec, *, rules=()):
   """The quantized tree's shapes/dtypes (an orbax restore target) without any compute."""
   _, specs, leaves = plan(abstract_params, spec, rules=rules)
   def qt(w, s):
+    kw = s.tensor_kwargs()
+    if s.method == "awq":
+      kw["symmetric"] = False  # AWQ grids are asymmetric min-max, as upstream
+    q_of = lambda x, **k: jax.eval_shape(
+        lambda v: _with_act_bits(quantize_tensor(v, **{**kw, **k}), s), x)
+    if s.sparse:
+      n, m = s.sparse
+      a = nm_array.abstract_compress_nm(w, n, m)
+      return nm_array.with_values(a, q_of(a.values, group_size=s.group_size and
+                                          s.group_size // m * n))
     if nm_array.is_nmarray(w):
-      return nm_array.with_values(w, jax.eval_shape(
-          lambda x: quantize_tensor(x, **s.tensor_kwargs()), w.values))
-    return jax.eval_shape(lambda x: _with_act_bits(quantize_tensor(x, **s.tensor_kwargs()), s), w)
+      return nm_array.with_values(w, q_of(w.values))
+    return q_of(w)
 
   out = [w if s is None else qt(w, s) for s, w in zip(specs, leaves, strict=True)]
   return jax.tree.unflatten(jax.tree.structure(abstract_params, is_leaf=is_weight_leaf), out)
@@ -116,7 +136,8 @@ def _check_leaf(path, leaf, s: QuantSpec):
   where = f"quant spec {s.name!r} selects {path!r}"
   if is_qarray(leaf):
     raise ValueError(f"{where}, which is already quantized ({leaf!r})")
-  if nm_array.is_nmarray(leaf):
+  compressed = nm_array.is_nmarray(leaf)
+  if compressed:
     if is_qarray(leaf.values):
       raise ValueError(f"{where}, an N:M compressed kernel whose values are already quantized")
     leaf = leaf.values  # the kept values [in * n / m, out] are what gets quantized
@@ -127,12 +148,30 @@ def _check_leaf(path, leaf, s: QuantSpec):
     _check_args(leaf.shape, leaf.dtype, **s.tensor_kwargs())
   except ValueError as e:
     raise ValueError(f"{where}: {e}") from None
+  if compressed and s.method != "rtn":
+    raise ValueError(f"{where}, an N:M compressed kernel; {s.method} needs a dense kernel "
+                     "(prune and quantize it jointly with a '+N:M' recipe instead)")
+  if s.sparse:
+    n, m = s.sparse
+    if compressed or leaf.shape[0] % m or (s.group_size and s.group_size % m):
+      raise ValueError(f"{where}: +{n}:{m} needs a dense kernel whose input dim "
+                       f"({leaf.shape[0]}) and group size ({s.group_size}) are multiples of "
+                       f"m={m}")
+    if (leaf.shape[0] // m * n) % (8 // s.bits):
+      raise ValueError(f"{where}: the {leaf.shape[0] // m * n} kept rows of +{n}:{m} must be "
+                       f"divisible by {8 // s.bits} (int{s.bits} packing)")
+
+
+def _dense(q) -> jax.Array:
+  """The f32 dense kernel a QArray or NMArray (of QArray values) stands for."""
+  return nm_array.decompress(q, jnp.float32) if nm_array.is_nmarray(q) else dequantize(
+      q, jnp.float32)
 
 
 @jax.jit
-def _errors(w, q: QArray):
+def _errors(w, w_hat):
   w32 = w.astype(jnp.float32)
-  d = w32 - dequantize(q, jnp.float32)
+  d = w32 - w_hat
   norm = jnp.linalg.norm(w32)
   rel = jnp.where(norm > 0, jnp.linalg.norm(d) / jnp.where(norm > 0, norm, 1.0),
                   jnp.linalg.norm(d))
