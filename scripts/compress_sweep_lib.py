@@ -19,11 +19,12 @@ import model
 import quant
 import sparsity
 from model.calibration import Calibration
-from scripts import checkpoint_lib, data_lib, eval_lib, prune_lib, sweep_lib
+from model.qarray import fmt_name
+from scripts import checkpoint_lib, data_lib, eval_lib, prune_lib, quantize_lib, sweep_lib
 
 NONE = "none"  # no pruning / no quantization
 KEY_FIELDS = ("prune", "quant")
-COLUMNS = ("prune", "quant", "bits", "bpb", "bpb_delta", "param_bytes", "nonzeros",
+COLUMNS = ("prune", "quant", "quant_method", "bits", "bpb", "bpb_delta", "param_bytes", "nonzeros",
            "sparsity_achieved")
 FORMATS = {"bpb": ".4f", "bpb_delta": "+.4f", "sparsity_achieved": ".4f"}
 HEADERS = {"bpb_delta": "vs dense float", "sparsity_achieved": "achieved sparsity (pruned kernels)"}
@@ -79,7 +80,7 @@ def validate(config) -> list[dict]:
   if not g.quant_recipes:
     raise ValueError("config.grid.quant_recipes=() is empty; use ('none',) for float only")
   try:
-    quants = [q if q == NONE else quant.parse_recipe(q).name for q in g.quant_recipes]
+    quants = [q if q == NONE else _canonical(q) for q in g.quant_recipes]
   except ValueError as e:
     raise ValueError(f"config.grid.quant_recipes: {e}") from None
   _unique(quants, "quant_recipes (canonical names)")
@@ -92,7 +93,39 @@ def validate(config) -> list[dict]:
     raise ValueError(f"config.calib_seqs={config.calib_seqs!r} must be an int >= 1")
   if not isinstance(config.seed, int):
     raise ValueError(f"config.seed={config.seed!r} must be an int")
-  return [dict(prune=p, method=m, sparsity=s, quant=q) for p, m, s in prunes for q in quants]
+  points = [dict(prune=p, method=m, sparsity=s, quant=q) for p, m, s in prunes for q in quants]
+  for entry in config.get("extra", ()):
+    label, eq, path = str(entry).partition("=")
+    if not eq or not label or not checkpoint_lib.has_checkpoint(path):
+      raise ValueError(f"config.extra entry {entry!r} must be LABEL=RUN_FOLDER (a folder with "
+                       "checkpoints/), e.g. 'qat:int4=runs/qat_int4/quantized'")
+    points.append(dict(prune=NONE, method=NONE, sparsity=0.0, quant=label, source=path))
+  return points
+
+
+def _canonical(recipe: str) -> str:
+  base, mixed = quant.mixed.split_mixed(recipe)
+  return quant.parse_recipe(base).name + (f"@{mixed}" if mixed else "")
+
+
+def quant_method(recipe: str) -> str:
+  """The plotted method of a quant column: rtn / gptq / awq / w8a8 smoothquant / nf4 rtn ...
+
+  An extra checkpoint's label ("qat:int4") is its own method ("qat").
+  """
+  if recipe == NONE:
+    return "float"
+  try:
+    base, mixed = quant.mixed.split_mixed(recipe)
+    spec = quant.parse_recipe(base)
+  except ValueError:
+    return recipe.split(":")[0]
+  name = spec.method + (f"+{spec.sparse[0]}:{spec.sparse[1]}" if spec.sparse else "")
+  if spec.act_bits:
+    name = f"w8a8 {name}"
+  elif spec.fmt != "int":
+    name = f"{fmt_name(spec.fmt, spec.bits)} {name}"
+  return name + (f"@{mixed}" if mixed else "")
 
 
 def _check_resume(workdir: str, settings: dict) -> None:
@@ -113,7 +146,9 @@ def _check_resume(workdir: str, settings: dict) -> None:
 def _evaluator(config, params, model_cfg, data, points):
   key = jax.random.key(config.seed)
   calib = None
-  if any(p["prune"] != NONE and prune_lib.needs_calibration(p["prune"]) for p in points):
+  if any((p["prune"] != NONE and prune_lib.needs_calibration(p["prune"]))
+         or (p["quant"] != NONE and "source" not in p and quantize_lib.needs_calibration(
+             *quant.mixed.split_mixed(p["quant"]))) for p in points):
     calib = Calibration(model_cfg, data_lib.calibration_batches(
         data, config.calib_seqs, data.seq_len, seed=config.seed))
   float_bits = np.dtype(model_cfg.param_dtype).itemsize * 8
@@ -126,19 +161,32 @@ def _evaluator(config, params, model_cfg, data, points):
                                       cfg=model_cfg)
       achieved = report["totals"]["masked_sparsity"]
     final, bits = pruned, float_bits
-    if point["quant"] != NONE:
-      final, _ = quant.quantize(pruned, point["quant"])
-      bits = quant.parse_recipe(point["quant"]).bits
+    if "source" in point:  # a checkpoint trained elsewhere (QAT, MatQuant) evaluated alike
+      final = checkpoint_lib.load_params(point["source"])[0]
+      bits = _mean_bits(final, float_bits)
+    elif point["quant"] != NONE:
+      base, rules = quant.mixed.mixed_rules(point["quant"], pruned, model_cfg.n_layers, calib)
+      final, _ = quant.quantize(pruned, base, rules=rules, calib=calib)
+      bits = _mean_bits(final, float_bits)
     ev = eval_lib.evaluate(model_cfg, final, data, split=config.eval.split,
                            max_batches=config.eval.max_batches or None)
     # Counted on the final (dequantized) weights: low-bit rounding zeroes weights too.
     totals = sparsity.sparsity_report(final)["totals"]
-    return dict(bits=bits, bpb=ev["bpb"], loss=ev["loss"], param_bytes=model.tree_nbytes(final),
+    return dict(bits=bits, quant_method=quant_method(point["quant"]),
+                bpb=ev["bpb"], loss=ev["loss"], param_bytes=model.tree_nbytes(final),
                 params=totals["params"], nonzeros=totals["nonzeros"],
                 sparsity_achieved=achieved, eval_targets=ev["targets"],
                 seconds=time.perf_counter() - t0)
 
   return evaluate
+
+
+def _mean_bits(params, float_bits: int) -> float:
+  """Weight bits per logical weight over the quantized kernels (mixed rule sets average)."""
+  leaves = [x for x in jax.tree.leaves(params, is_leaf=quant.is_qarray) if quant.is_qarray(x)]
+  if not leaves:
+    return float(float_bits)
+  return sum(q.bits * q.size for q in leaves) / sum(q.size for q in leaves)
 
 
 def _report(rows: list[dict], settings: dict, workdir: str) -> dict:
@@ -163,6 +211,18 @@ def _report(rows: list[dict], settings: dict, workdir: str) -> dict:
         pruned_float, x="sparsity", y="bpb", series="method", references=refs,
         path=os.path.join(workdir, "bpb_vs_sparsity.png"), xlabel="sparsity (pruned kernels)",
         ylabel=f"{ev['split']} bits/byte", title="Pruning, float weights")
+  if all(r["prune"] == NONE for r in rows):  # a quantization sweep: one line per method
+    rows = [dict(r, quant_method=r.get("quant_method") or quant_method(r["quant"]),
+                 param_mb=r["param_bytes"] / 2**20) for r in rows]
+    files["bpb_vs_bits"] = sweep_lib.plot(
+        rows, x="bits", y="bpb", series="quant_method", references=refs, xscale="log2",
+        path=os.path.join(workdir, "bpb_vs_bits.png"), xlabel="weight bits (mean over kernels)",
+        ylabel=f"{ev['split']} bits/byte", title="Quantization methods")
+    files["bpb_vs_bytes"] = sweep_lib.plot(
+        rows, x="param_mb", y="bpb", series="quant_method", references=refs,
+        path=os.path.join(workdir, "bpb_vs_bytes.png"), xlabel="model bytes (MiB, all params)",
+        ylabel=f"{ev['split']} bits/byte", title="Quantization methods: quality vs size")
+    return dict(files=files, table=md, dense_bpb=dense)
   files["bpb_vs_bits"] = sweep_lib.plot(
       rows, x="bits", y="bpb", series="prune", style="method", references=refs, xscale="log2",
       path=os.path.join(workdir, "bpb_vs_bits.png"), xlabel="weight bits",

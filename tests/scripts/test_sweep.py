@@ -191,7 +191,7 @@ def test_compress_sweep_end_to_end_and_resume(source, tmp_path):
     assert os.path.getsize(os.path.join(out, name)) > 0
   with open(os.path.join(out, "results.md")) as f:
     md = f.read()
-  assert "| none | none | 32 |" in md and md.count("\n| ") == len(rows) + 1
+  assert "| none | none | float | 32 |" in md and md.count("\n| ") == len(rows) + 1
   again = compress_sweep_lib.run(config, out)
   assert again["evaluated"] == 0 and again["rows"] == rows
   with pytest.raises(ValueError, match=r"holds a sweep with different \['eval'\]"):
@@ -231,3 +231,36 @@ def test_main_reports_a_bad_config_as_one_error_line(source, tmp_path):
   assert proc.returncode == 2, proc.stderr
   assert len(errors) == 1 and "unknown pruning method 'nope'" in errors[0]
   assert not os.path.exists(tmp_path / "out")
+
+
+def test_quant_sweep_methods_extra_checkpoints_and_plots(source, tmp_path):
+  import quant
+  cfg = model.get_preset("test")
+  params = checkpoint_lib.load_params(source)[0]
+  extra = str(tmp_path / "extra")
+  checkpoint_lib.save_params(extra, quant.quantize(params, "int4:g32")[0], cfg, step=0)
+  c = compress_config.get_config("quant")
+  with c.unlocked():
+    c.source, c.calib_seqs = source, 2
+    c.eval.max_batches = 1
+    c.grid.quant_recipes = ("none", "int4:g32", "int4:g32:gptq", "w8a8:smoothquant",
+                            "int4:g32@first_last")
+    c.extra = (f"qat:int4={extra}",)
+  out = str(tmp_path / "sweep")
+  result = compress_sweep_lib.run(c, out)
+  by = {r["quant"]: r for r in result["rows"]}
+  assert [by[q]["quant_method"] for q in ("none", "int4:g32", "int4:g32:gptq",
+                                          "w8a8:smoothquant", "int4:g32@first_last",
+                                          "qat:int4")] == [
+      "float", "rtn", "gptq", "w8a8 smoothquant", "rtn@first_last", "qat"]
+  # the extra checkpoint is the RTN tree, evaluated alike
+  assert by["qat:int4"]["bpb"] == pytest.approx(by["int4:g32"]["bpb"], abs=1e-6)
+  assert by["int4:g32@first_last"]["bits"] == 8  # 2 layers: both ends at int8
+  assert by["int4:g32"]["bits"] == 4 and by["w8a8:smoothquant"]["bits"] == 8
+  for name in ("bpb_vs_bits.png", "bpb_vs_bytes.png"):
+    with open(os.path.join(out, name), "rb") as f:
+      assert f.read(8) == PNG_MAGIC
+  with c.unlocked():
+    c.extra = ("no_equals_sign",)
+  with pytest.raises(ValueError, match="LABEL=RUN_FOLDER"):
+    compress_sweep_lib.validate(c)
