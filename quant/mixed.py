@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from model import calibration as calib_lib
 from model.qarray import dequantize
-from model.tree import flatten
+from model.tree import flatten, match_rules
 from quant.recipes import QuantSpec, as_spec, default_rules, parse_recipe
 from quant.rtn import quantize_tensor
 
@@ -73,7 +73,6 @@ def sensitivity(params, low, calib) -> dict[str, float]:
   calib = calib_lib.check_calibration(calib, params, what="sensitivity")
   paths, leaves, _ = flatten(params)
   rules = default_rules(low)
-  from model.tree import match_rules  # the one rule matcher (lazy: keeps the import light)
   specs = match_rules(paths, [], rules, kind="quant", convert=as_spec)
   chosen = {p: w for p, w, s in zip(paths, leaves, specs, strict=True) if s is not None}
   stats = calib_lib.calibrate(calib.cfg, params, calib.batches, paths=list(chosen))

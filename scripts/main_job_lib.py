@@ -17,7 +17,7 @@ import quant
 import sparsity
 from decoding import speculative
 from model.calibration import Calibration
-from scripts import checkpoint_lib, data_lib, eval_lib, prune_lib, train_lib
+from scripts import checkpoint_lib, data_lib, eval_lib, prune_lib, qat_lib, quantize_lib, train_lib
 
 
 def _eval(cfg, params, config) -> dict:
@@ -170,6 +170,30 @@ def _prune_stage(cfg, float_params, config, workdir: str):
   return first, variants, section
 
 
+def _quant_methods(cfg, float_params, config, workdir: str, variants: dict) -> dict:
+  """The data-aware PTQ rows (GPTQ, AWQ, W8A8 + SmoothQuant ...) and the QAT fine-tune row."""
+  qc, section = config.quant, {}
+  calib = None
+  if any(quantize_lib.needs_calibration(r) for r in qc.methods):
+    batches = data_lib.calibration_batches(config.data, config.prune.calib_seqs,
+                                           config.data.seq_len, seed=config.train.seed)
+    calib = Calibration(cfg, batches)
+  for recipe in qc.methods:
+    t = time.perf_counter()
+    params, rep = quant.quantize(float_params, recipe, calib=calib)
+    variants[recipe] = (cfg, params)
+    section[recipe] = {"seconds": time.perf_counter() - t, "bytes_after": rep["bytes_after"]}
+  if qc.qat_steps:
+    t = time.perf_counter()
+    res = qat_lib.finetune(os.path.join(workdir, "float"), os.path.join(workdir, "qat"),
+                           recipe=qc.qat_recipe, steps=qc.qat_steps, lr=qc.qat_lr)
+    params, qcfg, _ = checkpoint_lib.load_params(res["checkpoint"])
+    variants[f"QAT {qc.qat_recipe} ({qc.qat_steps}-step fine-tune, exported)"] = (qcfg, params)
+    section["qat"] = {"seconds": time.perf_counter() - t, **{k: v for k, v in res.items()
+                                                            if isinstance(v, (int, float, str))}}
+  return section
+
+
 def _slug(recipe: str) -> str:
   return "".join(c if c.isalnum() else "_" for c in recipe)
 
@@ -185,7 +209,8 @@ def run(config, workdir: str) -> dict:
   unknown = [r for r in config.prune.finetune if r not in config.prune.recipes]
   if unknown:
     raise ValueError(f"config.prune.finetune names {unknown}, not in config.prune.recipes")
-  quant.parse_recipe(config.quant.recipe)
+  for recipe in (config.quant.recipe, *config.quant.methods):
+    quant.parse_recipe(recipe)
   t0 = time.perf_counter()
   rows, report = {}, {"workdir": os.path.abspath(workdir)}
 
@@ -205,6 +230,7 @@ def run(config, workdir: str) -> dict:
   qpruned, _ = quant.quantize(pruned, config.quant.recipe)
   variants[config.quant.recipe] = (cfg, qparams)
   variants[f"pruned {config.prune.recipes[0]} + {config.quant.recipe}"] = (cfg, qpruned)
+  report["quant"] = _quant_methods(cfg, float_params, config, workdir, variants)
   checkpoint_lib.save_params(quant_dir, qparams, cfg, meta={"recipe": config.quant.recipe},
                              replace=True)
   with open(os.path.join(quant_dir, "quant_report.json"), "w") as f:

@@ -44,7 +44,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       finetune_lr=1e-3,
       calib_seqs=64,  # calibration windows of data.seq_len tokens (train split)
       structured="neurons:0.5:score=activation"))  # physically shrunk model; "" disables
-  c.quant = ml_collections.ConfigDict(dict(recipe="int8"))
+  c.quant = ml_collections.ConfigDict(dict(
+      recipe="int8",  # also applied to the first pruned model
+      # Data-aware PTQ rows (calibrated on prune.calib_seqs train windows).
+      methods=["int4:g32", "int4:g32:gptq", "int4:g32:awq", "w8a8:smoothquant"],
+      qat_recipe="int4:g32",  # QAT fine-tune of the float model, exported to QArrays
+      qat_steps=max(1, int(150 * scale)),  # 0 disables
+      qat_lr=1e-3))
   c.eval = ml_collections.ConfigDict(dict(split="test", max_batches=64))  # 0: the whole split
   c.decode = ml_collections.ConfigDict(dict(
       prompt="def fibonacci(n):\n    ", max_new_tokens=128, temperature=0.8, top_p=0.95,

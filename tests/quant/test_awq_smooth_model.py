@@ -268,3 +268,14 @@ def test_quantizing_a_quantized_tree_is_refused(cfg, params):
   with pytest.raises(ValueError, match="NaN or Inf"):
     quant.quantize(bad, "int4:g32:gptq", calib=_calib(cfg))
 
+
+
+def test_awq_protects_salient_channels(cfg, params):
+  """With activation outlier channels (the same float function), AWQ beats min-max RTN."""
+  p = _with_outliers(cfg, params)
+  toks = _tokens(cfg)
+  ref = _logits(cfg, p, toks)
+  rel = lambda q: float(jnp.linalg.norm(_logits(cfg, q, toks) - ref) / jnp.linalg.norm(ref))
+  awq_err = rel(quant.quantize(p, "int4:g32:awq", calib=_calib(cfg))[0])
+  rtn_err = rel(quant.quantize(p, "int4:g32:asym")[0])
+  assert awq_err < 0.8 * rtn_err, (awq_err, rtn_err)

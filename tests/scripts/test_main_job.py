@@ -18,6 +18,7 @@ def _config():
   c.decode.update(max_new_tokens=6, num_samples=2)
   c.prune.update(recipes=["magnitude:0.5", "wanda:2:4", "sparsegpt:0.5"], finetune=["wanda:2:4"],
                  calib_seqs=4)
+  c.quant.update(methods=["int4:g32:gptq", "w8a8:smoothquant"], qat_steps=2)
   c.speculative.update(draft_steps=2, num_prompts=1, gamma=2)
   c.speculative.draft_model.update(d_model=32, n_heads=2, n_kv_heads=1, ffn_dim=64)
   c.lock()
@@ -27,8 +28,9 @@ def _config():
 def test_main_job_reports_every_stage(tmp_path):
   config = _config()
   report = main_job_lib.run(config, str(tmp_path))
-  # float, 3 one-shot, 1 fine-tuned, the shrunk model, int8, pruned + int8.
-  assert len(report["variants"]) == 8
+  # float, 3 one-shot, 1 fine-tuned, the shrunk model, int8, pruned + int8, GPTQ, W8A8, QAT.
+  assert len(report["variants"]) == 11
+  assert {"int4:g32:gptq", "w8a8:smoothquant", "qat"} <= set(report["quant"])
   assert report["prune"]["wanda:2:4"]["sparsity"] == 0.5
   for row in report["variants"].values():
     assert row["bpb"] > 0 and row["decode_tokens_per_s"] > 0
