@@ -188,6 +188,15 @@ def test_gptq_nm_layer_is_nm_sparse_on_grid_and_beats_mask_then_rtn():
     quant.gptq_nm_layer(w, h, bits=4, n=4, m=4)
 
 
+def test_gptq_act_order_recipe_reaches_the_solver(cfg, params):
+  calib = _calib(cfg)
+  plain = quant.quantize(params, "int4:gptq", calib=calib)[0]
+  ordered, report = quant.quantize(params, "int4:gptq:act_order", calib=calib)
+  assert report["recipe"] == "int4:gptq:act_order"
+  a, b = (quant.codes(t["layers_0"]["mlp"]["down"]["kernel"]) for t in (plain, ordered))
+  assert a.shape == b.shape and not bool(jnp.all(a == b))
+
+
 def test_gptq_plus_nm_recipe(cfg, params):
   q, report = quant.quantize(params, "int4:g32:gptq+2:4", calib=_calib(cfg))
   leaf = q["layers_1"]["attn"]["o"]["kernel"]

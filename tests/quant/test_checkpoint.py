@@ -67,6 +67,9 @@ def test_quantize_checkpoint_script_library(tmp_path, cfg, params):
   with open(result["report_path"]) as f:
     report = json.load(f)
   assert report["recipe"] == "int4:g32" and report["bytes_after"] == model.tree_nbytes(loaded)
+  # Packed on disk too: the int4 checkpoint is well under the float one's bytes.
+  float_disk = quantize_lib._disk_bytes(os.path.join(src, "checkpoints"))
+  assert 0 < report["disk_bytes"] < 0.5 * float_disk
 
 
 def test_legacy_quant_save_folder_still_restores(tmp_path, params):
