@@ -46,7 +46,8 @@ def _gptq(kernel, stats: calib_lib.KernelStats, spec: QuantSpec, path: str):
       return gptq_nm_layer(kernel, stats.hessian(), bits=spec.bits, n=n, m=m,
                            group_size=spec.group_size, sym=spec.symmetric)
     return gptq_layer(kernel, stats.hessian(), bits=spec.bits, group_size=spec.group_size,
-                      sym=spec.symmetric, act_order=spec.act_order)
+                      sym=spec.symmetric, act_order=spec.act_order,
+                      static_groups=spec.static_groups)
   except ValueError as e:
     raise ValueError(f"gptq on {path}: {e}") from None
 

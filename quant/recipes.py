@@ -12,6 +12,7 @@ OPTIONs:
                        (grid search), or the P-th percentile of |w| (e.g. `clip=p99.9`)
   a method             `rtn` (default), `gptq`, `awq`, `smoothquant` (W8A8 only)
   `act_order`          GPTQ: sweep inputs by descending Hessian diagonal
+  `static_groups`      GPTQ: fit group grids before the sweep (upstream's --static-groups)
   `alpha=A`            SmoothQuant migration strength in [0, 1] (default 0.5)
 `+N:M` (GPTQ only) prunes N:M (n kept of every m inputs) in the same OBS sweep that
 quantizes, as SparseGPT's joint mode: `int4:g128:gptq+2:4`.
@@ -34,7 +35,7 @@ ACT_FORMATS = {"w8a8": ("int", 8, 8)}
 GRANULARITIES = ("channel", "tensor")
 METHODS = ("rtn", "gptq", "awq", "smoothquant")
 CLIPS = ("absmax", "mse", "pP (percentile, e.g. p99.9)")
-_OPTIONS = ("gN (e.g. g128)", *GRANULARITIES, "sym", "asym", *METHODS, "act_order",
+_OPTIONS = ("gN (e.g. g128)", *GRANULARITIES, "sym", "asym", *METHODS, "act_order", "static_groups",
             "clip=absmax|mse|pP", "alpha=A")
 
 
@@ -59,6 +60,7 @@ class QuantSpec:
   clip: str = "absmax"  # RTN range: "absmax" | "mse" | "p99.9" (percentile of |w|)
   act_bits: int | None = None  # 8: W8A8 (dynamic per-token int8 activations)
   act_order: bool = False  # GPTQ
+  static_groups: bool = False  # GPTQ: group grids fitted before the sweep
   alpha: float = 0.5  # SmoothQuant
   sparse: tuple[int, int] | None = None  # GPTQ + N:M pruning in one sweep
 
@@ -98,6 +100,9 @@ class QuantSpec:
       raise ValueError("QuantSpec: awq scales are per channel or per group, not per tensor")
     if self.act_order and self.method != "gptq":
       raise ValueError(f"QuantSpec: act_order is a GPTQ option, method={self.method!r}")
+    if self.static_groups and (self.method != "gptq" or not self.group_size):
+      raise ValueError(f"QuantSpec: static_groups is a GPTQ option for grouped specs, got "
+                       f"method={self.method!r}, group_size={self.group_size}")
     if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) \
         or not 0.0 <= self.alpha <= 1.0:
       raise ValueError(f"QuantSpec: alpha={self.alpha!r} must lie in [0, 1]")
@@ -134,6 +139,8 @@ class QuantSpec:
       parts.append(self.method)
     if self.act_order:
       parts.append("act_order")
+    if self.static_groups:
+      parts.append("static_groups")
     if self.alpha != 0.5:
       parts.append(f"alpha={self.alpha:g}")
     name = ":".join(parts)
@@ -179,8 +186,8 @@ def parse_recipe(recipe: str) -> QuantSpec:
       kw["symmetric"] = opt == "sym"
     elif opt in METHODS:
       kw["method"] = opt
-    elif opt == "act_order":
-      kw["act_order"] = True
+    elif opt in ("act_order", "static_groups"):
+      kw[opt] = True
     elif eq and key == "clip":
       kw["clip"] = val
     elif eq and key == "alpha":

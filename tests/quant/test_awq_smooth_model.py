@@ -259,6 +259,7 @@ def test_recipe_names_round_trip(recipe):
     ("fp4:asym", "asym needs an int format"),
     ("nf4:gptq", "needs an int format"),
     ("int4:awq:act_order", "act_order is a GPTQ option"),
+    ("int4:gptq:static_groups", "static_groups is a GPTQ option for grouped"),
     ("int4:gptq+2", "must be N:M"),
     ("int4:alpha=2", r"alpha=2.0 must lie in \[0, 1\]"),
     ("int4:g32:awq:clip=mse", "RTN option"),
