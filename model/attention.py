@@ -1,6 +1,14 @@
 """The attention door: `attention(q, k, v, mask=AttentionMask, impl=...)` and, for the model's
 layers, `attend(ctx, layer, q, k, v)`, which also writes and reads the KV cache variants
-(`model.kv_cache`): a plain cache, or a shared prefix plus per-row suffixes.
+(`model.kv_cache`): a plain cache, or a shared prefix plus per-row suffixes, float or
+quantized.
+
+A quantized cache is read from its codes: the per-slot key scale multiplies the f32
+scores and the value scale the probabilities, so no dequantized copy of the cache is
+formed (int4 codes are unpacked to int8 first). `qk="int8"` (SageAttention) computes
+Q.K^T as an int8 x int8 -> int32 dot: q quantized per (token, head), keys per (token, kv
+head) after subtracting their mean, which leaves softmax(q.k) unchanged; q.mean is added
+back to the scores, so log-sum-exps (partial merges) stay those of q.k.
 """
 
 from __future__ import annotations
@@ -11,6 +19,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
+from model import kv_cache
+from model.config import ATTN_QK
 from model.kv_cache import KVCache, PrefixCache, write_layer
 
 IMPLS = ("reference", "xla")
@@ -77,25 +87,64 @@ def cache_layout(backend: str | None = None) -> str:
 
 def attention(q_BTHD: Float[Array, "B T H Dh"], k_BSKD: Float[Array, "B S K Dh"],
               v_BSKD: Float[Array, "B S K Dh"], *, mask: AttentionMask, impl: str = "xla",
-              scale: float | None = None, return_lse: bool = False):
+              scale: float | None = None, return_lse: bool = False, qk: str | None = None):
   """Softmax attention with grouped kv heads (K divides H).
 
   Returns out[B, T, H, Dh], and with `return_lse` also lse[B, T, H] (natural log of
-  the softmax normaliser) so partial attentions can be merged exactly.
+  the softmax normaliser) so partial attentions can be merged exactly. qk: None (Q.K^T
+  in q's dtype) or "int8" (smoothed int8 x int8, see the module docstring; both impls).
   """
-  return _attend(q_BTHD, k_BSKD, v_BSKD, mask, impl, "seq_major", scale, return_lse)
+  _check_qk(qk)
+  if qk is None:
+    return _attend(q_BTHD, k_BSKD, v_BSKD, mask, impl, "seq_major", scale, return_lse)
+  _check_impl(impl)
+  b, s = k_BSKD.shape[:2]
+  k_BSKD = k_BSKD.astype(jnp.float32)
+  # Any per-(row, kv head) vector works (q.mean is constant over keys); the mean of the
+  # valid keys centres them, which shrinks their absmax and so the int8 step.
+  w_BS1 = (jnp.ones((b, s), jnp.float32) if mask.kv_valid is None
+           else mask.kv_valid.astype(jnp.float32))[..., None]
+  mean_BKD = (jnp.sum(k_BSKD * w_BS1[..., None], axis=1)
+              / jnp.maximum(jnp.sum(w_BS1, axis=1), 1.0)[..., None])
+  kc_BSKD, ks_BSK = kv_cache.quantize(k_BSKD - mean_BKD[:, None], "int8")
+  return _attend_codes(q_BTHD, kc_BSKD, v_BSKD, mask, impl, "seq_major", scale, return_lse,
+                       fmt="int8", k_scale=ks_BSK, v_scale=None, k_mean=mean_BKD, int_qk=True)
 
 
 def cache_attention(q_BTHD: Float[Array, "B T H Dh"], cache: KVCache, layer: int, *,
-                    mask: AttentionMask, impl: str = "xla", return_lse: bool = False):
-  """Attention of q over every slot of one cache layer, read in the cache's layout."""
-  return _attend(q_BTHD, cache.k[layer], cache.v[layer], mask, impl, cache.layout, None,
-                 return_lse)
+                    mask: AttentionMask, impl: str = "xla", return_lse: bool = False,
+                    qk: str | None = None):
+  """Attention of q over every slot of one cache layer, read in the cache's layout.
+
+  A quantized cache is read from its codes (plus q.k_mean where keys are smoothed);
+  `qk="int8"` computes Q.K^T int8 x int8 against int8 codes.
+  """
+  _check_qk(qk)
+  if qk == "int8" and cache.quant != "int8":
+    raise ValueError(
+        f"attn_qk='int8' needs a KV cache with kv_quant='int8' (int8 x int8 Q.K^T; make it "
+        f"with model.Decoder(cfg).init_cache); this cache has kv_quant={cache.quant!r}")
+  if cache.quant is None:
+    return _attend(q_BTHD, cache.k[layer], cache.v[layer], mask, impl, cache.layout, None,
+                   return_lse)
+  k_mean = None if cache.k_mean is None else cache.k_mean[layer]
+  return _attend_codes(q_BTHD, cache.k[layer], cache.v[layer], mask, impl, cache.layout, None,
+                       return_lse, fmt=cache.quant, k_scale=cache.k_scale[layer],
+                       v_scale=cache.v_scale[layer], k_mean=k_mean, int_qk=qk == "int8")
+
+
+def _check_impl(impl):
+  if impl not in IMPLS:
+    raise ValueError(f"attention impl={impl!r}; valid: {', '.join(map(repr, IMPLS))}")
+
+
+def _check_qk(qk):
+  if qk is not None and qk not in ATTN_QK:
+    raise ValueError(f"attention qk={qk!r}; valid: None, {', '.join(map(repr, ATTN_QK))}")
 
 
 def _attend(q_BTHD, k, v, mask, impl, layout, scale, return_lse):
-  if impl not in IMPLS:
-    raise ValueError(f"attention impl={impl!r}; valid: {', '.join(map(repr, IMPLS))}")
+  _check_impl(impl)
   b, t, h, dh = q_BTHD.shape
   heads_major = layout == "heads_major"
   s, kh = (k.shape[3], k.shape[1]) if heads_major else (k.shape[1], k.shape[2])
@@ -149,6 +198,70 @@ def _reference(q_BTHD, k_BSKD, v_BSKD, mask_BTS, scale, return_lse):
     return out
   lse_BTH = jnp.transpose(lse_BKGT, (0, 3, 1, 2)).reshape(b, t, h)
   return out, lse_BTH
+
+
+# Q.K^T and P.V contractions per layout, with q [B, K, G, T, Dh] and probs [B, K, G, T, S].
+_QK_EQ = {"heads_major": "bkgtd,bkds->bkgts", "seq_major": "bkgtd,bskd->bkgts"}
+_PV_EQ = {"heads_major": "bkgts,bksd->bkgtd", "seq_major": "bkgts,bskd->bkgtd"}
+
+
+def _attend_codes(q_BTHD, k, v, mask, impl, layout, scale, return_lse, *, fmt, k_scale,
+                  v_scale, k_mean, int_qk):
+  """Attention against k codes (and v codes, or float v when v_scale is None) in `layout`.
+
+  Scales are [B, K, S] (heads_major) or [B, S, K] (seq_major); k_mean [B, K, Dh] (None:
+  unsmoothed keys), whose q.mean is added to the scores. int_qk: Q.K^T int8 x int8 ->
+  int32 (int8 codes). impl "reference" dequantizes everything to f32 and runs
+  `_reference` (the oracle of the scale-folded path); the int8 Q.K^T path is the same
+  integer arithmetic under both impls.
+  """
+  _check_impl(impl)
+  b, t, h, dh = q_BTHD.shape
+  heads_major = layout == "heads_major"
+  s, kh = (k.shape[3], k.shape[1]) if heads_major else (k.shape[1], k.shape[2])
+  if h % kh:
+    raise ValueError(f"kv heads {kh} must divide query heads {h}")
+  scale = dh ** -0.5 if scale is None else scale
+  mask_BTS = mask.materialize(b, t, s)
+  k_axis = 2 if heads_major else 3
+  k = kv_cache.codes(k, fmt, k_axis)
+  if v_scale is not None:
+    v = kv_cache.codes(v, fmt, 3)
+  if impl == "reference" and not int_qk:
+    k = k.astype(jnp.float32) * jnp.expand_dims(k_scale.astype(jnp.float32), k_axis)
+    if k_mean is not None:
+      k = k + jnp.expand_dims(k_mean.astype(jnp.float32), 3 if heads_major else 1)
+    if v_scale is not None:
+      v = v.astype(jnp.float32) * v_scale.astype(jnp.float32)[..., None]
+    if heads_major:
+      k, v = jnp.transpose(k, (0, 3, 1, 2)), jnp.swapaxes(v, 1, 2)
+    return _reference(q_BTHD, k, v, mask_BTS, scale, return_lse)
+  dtype = q_BTHD.dtype
+  to_BKS = (lambda x: x) if heads_major else (lambda x: jnp.swapaxes(x, 1, 2))
+  q_BKGTD = jnp.transpose(q_BTHD.reshape(b, t, kh, h // kh, dh), (0, 2, 3, 1, 4))
+  ks_BK11S = to_BKS(k_scale.astype(jnp.float32))[:, :, None, None, :]
+  if int_qk:
+    qc_BKGTD, qs_BKGT = kv_cache.quantize(q_BKGTD, "int8")
+    acc_BKGTS = jnp.einsum(_QK_EQ[layout], qc_BKGTD, k, preferred_element_type=jnp.int32)
+    logits_BKGTS = acc_BKGTS.astype(jnp.float32) * qs_BKGT[..., None] * ks_BK11S
+  else:
+    # Codes are exact in bf16 / f16 / f32, so they enter the dot in q's dtype.
+    logits_BKGTS = jnp.einsum(_QK_EQ[layout], q_BKGTD, k.astype(dtype),
+                              preferred_element_type=jnp.float32) * ks_BK11S
+  if k_mean is not None:
+    logits_BKGTS = logits_BKGTS + jnp.einsum(
+        "bkgtd,bkd->bkgt", q_BKGTD.astype(jnp.float32), k_mean.astype(jnp.float32))[..., None]
+  logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS * scale, _NEG)
+  lse_BKGT = jax.nn.logsumexp(logits_BKGTS, axis=-1)
+  probs_BKGTS = jnp.exp(logits_BKGTS - lse_BKGT[..., None])
+  if v_scale is not None:
+    probs_BKGTS = probs_BKGTS * to_BKS(v_scale.astype(jnp.float32))[:, :, None, None, :]
+  out_BKGTD = jnp.einsum(_PV_EQ[layout], probs_BKGTS.astype(dtype), v.astype(dtype),
+                         preferred_element_type=jnp.float32)
+  out = jnp.transpose(out_BKGTD, (0, 3, 1, 2, 4)).reshape(b, t, h, dh).astype(dtype)
+  if not return_lse:
+    return out
+  return out, jnp.transpose(lse_BKGT, (0, 3, 1, 2)).reshape(b, t, h)
 
 
 def merge_partials(out_a, lse_a, out_b, lse_b):
@@ -231,36 +344,36 @@ def context(b: int, t: int, *, positions=None, segment_ids=None, cache=None) -> 
 
 def attend(ctx: Context, layer: int, q_BTHD: Float[Array, "B T H Dh"],
            k_BTKD: Float[Array, "B T K Dh"], v_BTKD: Float[Array, "B T K Dh"], *,
-           impl: str) -> tuple[Float[Array, "B T H Dh"], Context]:
+           impl: str, qk: str | None = None) -> tuple[Float[Array, "B T H Dh"], Context]:
   """One layer's attention of the new tokens; writes their k, v into `ctx.cache`."""
   cache = ctx.cache
   if cache is None:
-    return attention(q_BTHD, k_BTKD, v_BTKD, mask=ctx.mask, impl=impl), ctx
+    return attention(q_BTHD, k_BTKD, v_BTKD, mask=ctx.mask, impl=impl, qk=qk), ctx
   if isinstance(cache, PrefixCache):
     suffix = cache.suffix.with_layer(layer, *write_layer(cache.suffix, layer, k_BTKD, v_BTKD))
     out_s, lse_s = cache_attention(q_BTHD, suffix, layer, mask=ctx.mask, impl=impl,
-                                   return_lse=True)
+                                   return_lse=True, qk=qk)
     b, t, h, dh = q_BTHD.shape
     bp = cache.prefix.batch
     q_PMHD = q_BTHD.reshape(bp, (b // bp) * t, h, dh)  # rows of a group become queries
     out_p, lse_p = cache_attention(q_PMHD, cache.prefix, layer, mask=ctx.prefix_mask,
-                                   impl=impl, return_lse=True)
+                                   impl=impl, return_lse=True, qk=qk)
     out, _ = merge_partials(out_p.reshape(b, t, h, dh), lse_p.reshape(b, t, h), out_s, lse_s)
     return out, dataclasses.replace(ctx, cache=dataclasses.replace(cache, suffix=suffix))
   split = cache.batch == 1 and q_BTHD.shape[1] <= SPLIT_MAX_TOKENS
   if split:
-    out = _attend_then_write(ctx, layer, q_BTHD, k_BTKD, v_BTKD, impl)
+    out = _attend_then_write(ctx, layer, q_BTHD, k_BTKD, v_BTKD, impl, qk)
     # The writes must come after the reads for XLA to update the cache in place: a data
     # dependency on the attention output orders them (0 * finite = 0).
     dep = 0 * out[:1, :1, :1, :1].astype(k_BTKD.dtype)
     k_BTKD, v_BTKD = k_BTKD + dep, v_BTKD + dep
   cache = cache.with_layer(layer, *write_layer(cache, layer, k_BTKD, v_BTKD))
   if not split:
-    out = cache_attention(q_BTHD, cache, layer, mask=ctx.mask, impl=impl)
+    out = cache_attention(q_BTHD, cache, layer, mask=ctx.mask, impl=impl, qk=qk)
   return out, dataclasses.replace(ctx, cache=cache)
 
 
-def _attend_then_write(ctx: Context, layer, q_BTHD, k_BTKD, v_BTKD, impl):
+def _attend_then_write(ctx: Context, layer, q_BTHD, k_BTKD, v_BTKD, impl, qk):
   """Attention of T new tokens to the cache's slots < length plus to themselves.
 
   Equals attending to the cache after writing the new tokens at slots length..length+T-1,
@@ -269,6 +382,8 @@ def _attend_then_write(ctx: Context, layer, q_BTHD, k_BTKD, v_BTKD, impl):
   copied on every decode step (~1.4 ms of 7 at 256 slots, more at long prompts). Reading
   first and writing after keeps the update in place. Several rows write by scatter,
   which stays in place anyway (and the extra merge costs more than it saves there).
+  A quantized cache's new tokens are attended as it will store them (`kv_cache.encode`),
+  so one row computes what several rows do.
   """
   cache, mask = ctx.cache, ctx.mask
   t, s = q_BTHD.shape[1], cache.max_len
@@ -279,10 +394,17 @@ def _attend_then_write(ctx: Context, layer, q_BTHD, k_BTKD, v_BTKD, impl):
     old_BS &= mask.kv_valid
     new_valid = jnp.take_along_axis(mask.kv_valid, jnp.minimum(slots_BT, s - 1), axis=1)
   out_c, lse_c = cache_attention(q_BTHD, cache, layer, mask=mask.replace(kv_valid=old_BS),
-                                 impl=impl, return_lse=True)
-  out_n, lse_n = attention(q_BTHD, k_BTKD.astype(q_BTHD.dtype), v_BTKD.astype(q_BTHD.dtype),
-                           mask=mask.replace(kv_positions=slots_BT, kv_valid=new_valid),
-                           impl=impl, return_lse=True)
+                                 impl=impl, return_lse=True, qk=qk)
+  new_mask = mask.replace(kv_positions=slots_BT, kv_valid=new_valid)
+  if cache.quant is None:
+    out_n, lse_n = attention(q_BTHD, k_BTKD.astype(q_BTHD.dtype), v_BTKD.astype(q_BTHD.dtype),
+                             mask=new_mask, impl=impl, return_lse=True)
+  else:
+    enc = kv_cache.encode(cache, layer, k_BTKD, v_BTKD)
+    out_n, lse_n = _attend_codes(q_BTHD, enc["k"], enc["v"], new_mask, impl, "seq_major", None,
+                                 True, fmt=cache.quant, k_scale=enc["k_scale"],
+                                 v_scale=enc["v_scale"], k_mean=enc.get("k_mean"),
+                                 int_qk=qk == "int8")
   return merge_partials(out_c, lse_c, out_n, lse_n)[0]
 
 

@@ -15,6 +15,8 @@ AttnImpl = Literal["reference", "xla"]
 MatmulImpl = Literal["xla", "pallas"]
 _DTYPES = ("float32", "bfloat16", "float16")
 ROPE_SCALING_TYPES = ("llama3", "linear")
+KV_QUANTS = ("int8", "int4", "fp8")  # KV-cache code formats (model.kv_cache); None: float
+ATTN_QK = ("int8",)  # Q.K^T numerics (model.attention); None: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +59,12 @@ class ModelConfig:
   dtype: str = "float32"  # compute dtype
   attn_impl: AttnImpl = "xla"
   matmul_impl: MatmulImpl = "xla"
+  # KV cache codes per (token, kv head) with absmax scales: "int8", "int4" (packed two per
+  # byte along Dh), "fp8" (e4m3); None keeps the cache in `dtype`.
+  kv_quant: str | None = None
+  # "int8": SageAttention Q.K^T, int8 x int8 -> int32 against keys smoothed by their mean
+  # (a cached forward needs kv_quant="int8"); None: in `dtype`.
+  attn_qk: str | None = None
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_dim",
@@ -79,6 +87,15 @@ class ModelConfig:
           f"ModelConfig.attn_impl={self.attn_impl!r}; valid: 'reference', 'xla'")
     if self.matmul_impl not in ("xla", "pallas"):
       raise ValueError(f"ModelConfig.matmul_impl={self.matmul_impl!r}; valid: 'xla', 'pallas'")
+    if self.kv_quant is not None and self.kv_quant not in KV_QUANTS:
+      raise ValueError(f"ModelConfig.kv_quant={self.kv_quant!r}; valid: None, "
+                       f"{', '.join(map(repr, KV_QUANTS))}")
+    if self.kv_quant == "int4" and self.dh % 2:
+      raise ValueError(f"ModelConfig.kv_quant='int4' packs two codes per byte along the head "
+                       f"dim, which must be even; head dim is {self.dh}")
+    if self.attn_qk is not None and self.attn_qk not in ATTN_QK:
+      raise ValueError(f"ModelConfig.attn_qk={self.attn_qk!r}; valid: None, "
+                       f"{', '.join(map(repr, ATTN_QK))}")
     if isinstance(self.rope_scaling, dict):  # allow dicts from configs / json
       object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
 

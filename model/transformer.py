@@ -46,7 +46,8 @@ class Attention(nn.Module):
     rope = dict(theta=cfg.rope_theta, scaling=cfg.rope_scaling)
     q_BTHD = apply_rope(q_BTHD, ctx.positions, **rope)
     k_BTKD = apply_rope(k_BTKD, ctx.positions, **rope)
-    out_BTHD, ctx = attend(ctx, layer, q_BTHD, k_BTKD, v_BTKD, impl=cfg.attn_impl)
+    out_BTHD, ctx = attend(ctx, layer, q_BTHD, k_BTKD, v_BTKD, impl=cfg.attn_impl,
+                           qk=cfg.attn_qk)
     return _dense(cfg, cfg.d_model, "o")(out_BTHD.reshape(b, t, h * dh)), ctx
 
 

@@ -3,7 +3,9 @@ r"""Generates text: python -m scripts.generate --model=DIR --prompt="def main(" 
 DIR: a sparq checkpoint workdir or a Hugging Face dir; --preset=NAME: random weights.
 --method=sample (temperature 0 = greedy), beam, or speculative (--draft=DIR with the
 same tokenizer, or --draft=exit:K: the first K layers + the early-exit head of
-scripts/train_early_exit.py). One prompt streams; repeat --prompt for a batch;
+scripts/train_early_exit.py). --kv_quant=int8|int4|fp8 quantizes the model's KV cache
+(--attn_qk=int8 adds smoothed int8 Q.K^T; a --draft=DIR keeps its own float cache). One
+prompt streams; repeat --prompt for a batch;
 --output writes every result (text, tokens, finish reason, cost, stats) as JSON.
 """
 
@@ -32,6 +34,8 @@ flags.DEFINE_string("draft", None, "Speculative draft: a checkpoint / HF dir, or
 flags.DEFINE_integer("gamma", 4, "Speculative: tokens drafted per round.")
 flags.DEFINE_integer("gamma_max", None, "Speculative: adaptive cap (default gamma, 2*gamma).")
 flags.DEFINE_string("schedule", "fixed", "Speculative gamma: fixed | heuristic.")
+flags.DEFINE_string("kv_quant", None, "KV-cache codes: int8 | int4 | fp8 (default: float).")
+flags.DEFINE_string("attn_qk", None, "int8: smoothed int8 Q.K^T (needs --kv_quant=int8).")
 flags.DEFINE_bool("stream", True, "Stream tokens to stdout (single prompt, sample).")
 flags.DEFINE_string("output", None, "Write the results as JSON here.")
 F = flags.FLAGS

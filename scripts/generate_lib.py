@@ -8,6 +8,7 @@ are in `scripts.decode_lib`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from collections.abc import Callable
@@ -15,6 +16,8 @@ from collections.abc import Callable
 import numpy as np
 
 import decoding
+import model
+from model.config import ATTN_QK, KV_QUANTS
 from model.tokenizer import Tokenizer
 from scripts import decode_lib, speculative_lib
 from scripts.decode_lib import Options, Run
@@ -109,6 +112,27 @@ def validate(method: str, opts: Options, texts: list[str]) -> None:
     speculative_lib.validate(opts.extra)
 
 
+def kv_settings(values: dict) -> dict:
+  """ModelConfig fields of --kv_quant / --attn_qk ('' or None: off), checked before loading."""
+  kv_quant, attn_qk = values.get("kv_quant") or None, values.get("attn_qk") or None
+  if kv_quant not in (None, *KV_QUANTS):
+    raise ValueError(f"--kv_quant={kv_quant!r}; valid: {', '.join(KV_QUANTS)} (or unset)")
+  if attn_qk not in (None, *ATTN_QK):
+    raise ValueError(f"--attn_qk={attn_qk!r}; valid: {', '.join(ATTN_QK)} (or unset)")
+  if attn_qk == "int8" and kv_quant != "int8":
+    raise ValueError(f"--attn_qk=int8 reads an int8 KV cache; got --kv_quant={kv_quant!r}, "
+                     "valid: --kv_quant=int8")
+  return dict(kv_quant=kv_quant, attn_qk=attn_qk)
+
+
+def with_kv_settings(run: Run, settings: dict) -> Run:
+  """`run` decoding with the given KV-cache format / Q.K^T numerics (same params)."""
+  if not any(settings.values()):
+    return run
+  cfg = run.cfg.replace(**settings)
+  return dataclasses.replace(run, cfg=cfg, step_fn=model.Decoder(cfg))
+
+
 def generate_text(run: Run, texts: list[str], method: str, opts: Options) -> list[dict]:
   """Encodes `texts`, runs `method`, returns one result dict per prompt."""
   validate(method, opts, texts)
@@ -139,8 +163,10 @@ def generate_from_flags(values: dict) -> str:
   texts, method = list(values["prompt"]), values["method"]
   opts = options(method, values, texts)
   validate(method, opts, texts)
+  kv = kv_settings(values)
   run = decode_lib.load(values["model"], preset=values["preset"], step=values["step"],
                         tokenizer=values["tokenizer"], seed=values["seed"])
+  run = with_kv_settings(run, kv)
   if opts.stream:
     print(texts[0], end="", flush=True)
   results = generate_text(run, texts, method, opts)
