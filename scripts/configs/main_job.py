@@ -1,10 +1,11 @@
 r"""python -m scripts.main_job --workdir=runs/main   (or: python3 dev.py run)
 
 The main job on embedded defaults: train the "tiny" model (0.82M params, byte
-level) on the Python standard library, 900 steps of 16 x 256 tokens (~13 min on 2
+level) on the Python standard library, 900 steps of 16 x 256 tokens (~15 min on 2
 idle CPU cores), prune it one-shot (magnitude, Wanda, SparseGPT at 50% and 2:4, calibrated on
 64 train windows) with short masked fine-tunes, shrink 50% of the FFN neurons,
-quantize it to int8, evaluate every variant (bits per byte on the test split),
+quantize it (int8; int4 g32 by RTN, GPTQ and AWQ; W8A8 with SmoothQuant; a 150-step
+int4 QAT fine-tune), evaluate every variant (bits per byte on the test split),
 decode a code prompt greedily with the KV cache, sample, train a small draft
 model and decode speculatively (its speedup over greedy), and print one table
 plus where the checkpoints, metrics and JSON report are. `main_job.py:0.1`
