@@ -143,14 +143,20 @@ def _check_qk(qk):
     raise ValueError(f"attention qk={qk!r}; valid: None, {', '.join(map(repr, ATTN_QK))}")
 
 
-def _attend(q_BTHD, k, v, mask, impl, layout, scale, return_lse):
-  _check_impl(impl)
-  b, t, h, dh = q_BTHD.shape
+def _dims(q_BTHD, k, layout, scale) -> tuple[bool, int, int, float]:
+  """(heads_major, key slots, kv heads, softmax scale); kv heads must divide query heads."""
+  h, dh = q_BTHD.shape[2:]
   heads_major = layout == "heads_major"
   s, kh = (k.shape[3], k.shape[1]) if heads_major else (k.shape[1], k.shape[2])
   if h % kh:
     raise ValueError(f"kv heads {kh} must divide query heads {h}")
-  scale = dh ** -0.5 if scale is None else scale
+  return heads_major, s, kh, dh ** -0.5 if scale is None else scale
+
+
+def _attend(q_BTHD, k, v, mask, impl, layout, scale, return_lse):
+  _check_impl(impl)
+  b, t, h, dh = q_BTHD.shape
+  heads_major, s, kh, scale = _dims(q_BTHD, k, layout, scale)
   k, v = k.astype(q_BTHD.dtype), v.astype(q_BTHD.dtype)
   mask_BTS = mask.materialize(b, t, s)
   if impl == "xla" and heads_major:
@@ -217,11 +223,7 @@ def _attend_codes(q_BTHD, k, v, mask, impl, layout, scale, return_lse, *, fmt, k
   """
   _check_impl(impl)
   b, t, h, dh = q_BTHD.shape
-  heads_major = layout == "heads_major"
-  s, kh = (k.shape[3], k.shape[1]) if heads_major else (k.shape[1], k.shape[2])
-  if h % kh:
-    raise ValueError(f"kv heads {kh} must divide query heads {h}")
-  scale = dh ** -0.5 if scale is None else scale
+  heads_major, s, kh, scale = _dims(q_BTHD, k, layout, scale)
   mask_BTS = mask.materialize(b, t, s)
   k_axis = 2 if heads_major else 3
   k = kv_cache.codes(k, fmt, k_axis)
