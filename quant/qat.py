@@ -28,8 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from model import transformer
-from model.calibration import _check_batches, _positions_weights
+from model.calibration import calibrate
 from model.config import ModelConfig
 from model.layers import Dense
 from model.tree import is_weight_leaf
@@ -194,45 +193,18 @@ def act_quant_interceptor(ranges: Mapping[str, float], bits: int, *, signed: boo
   return interceptor
 
 
-def _absmax_interceptor(paths: frozenset, out: dict):
-  def interceptor(next_fun, args, kwargs, ctx):
-    if isinstance(ctx.module, Dense) and ctx.method_name == "__call__":
-      path = _kernel_path(ctx.module)
-      if path in paths:
-        m = jnp.max(jnp.abs(args[0].astype(jnp.float32)))
-        out[path] = jnp.maximum(out[path], m) if path in out else m
-    return next_fun(*args, **kwargs)
-
-  return interceptor
-
-
-def _batch_absmax(cfg: ModelConfig, params, tokens, seg, paths: frozenset) -> dict:
-  positions, seg, _ = _positions_weights(tokens, seg)
-  out: dict = {}
-  with nn.intercept_methods(_absmax_interceptor(paths, out)):
-    transformer.Transformer(cfg).apply({"params": params}, tokens, positions, seg)
-  return out
-
-
-_batch_absmax_jit = jax.jit(_batch_absmax, static_argnames=("cfg", "paths"))
-
-
 def act_ranges(cfg: ModelConfig, params, batches: Iterable, paths: Iterable[str]
                ) -> dict[str, float]:
   """{kernel path: max |input| over the calibration batches} for the Dense kernels at `paths`.
 
-  batches: token arrays [B, T] or dicts with "tokens" (and "segment_ids"). Padding
-  tokens enter the max (their activations are real model activations too).
+  batches: token arrays [B, T] or dicts with "tokens" (and "segment_ids"; padding is
+  excluded). The maxima are the calibration pass's per-channel `abs_max`, reduced.
   """
-  data = _check_batches(cfg, batches)
   paths = frozenset(paths)
   if not paths:
     raise ValueError("act_ranges: paths is empty; pass the kernel paths to calibrate")
-  total: dict = {}
-  for tokens, seg in data:
-    m = _batch_absmax_jit(cfg, params, tokens, seg, paths)
-    total = {p: jnp.maximum(total[p], v) if p in total else v for p, v in m.items()}
-  missing = sorted(paths - set(total))
+  stats = calibrate(cfg, params, batches, paths=sorted(paths), hessian=False)
+  missing = sorted(paths - set(stats))
   if missing:
     raise ValueError(f"act_ranges: paths {missing[:3]} are not Dense kernels of the model")
-  return {p: float(np.asarray(v)) for p, v in sorted(total.items())}
+  return {p: float(np.asarray(jnp.max(stats[p].abs_max))) for p in sorted(paths)}
