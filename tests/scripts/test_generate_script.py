@@ -88,3 +88,19 @@ def test_only_hugging_face_configs_make_a_hf_dir(tmp_path):
   assert not convert.is_hf_dir(str(tmp_path / "workdir"))
   assert not convert.is_hf_dir(str(tmp_path / "broken"))
   assert not convert.is_hf_dir(str(tmp_path / "missing"))
+
+
+def test_kv_quant_flags(run):
+  assert generate_lib.kv_settings({}) == dict(kv_quant=None, attn_qk=None)
+  with pytest.raises(ValueError, match="--kv_quant='int3'; valid: int8, int4, fp8"):
+    generate_lib.kv_settings(dict(kv_quant="int3"))
+  with pytest.raises(ValueError, match="--attn_qk=int8 reads an int8 KV cache"):
+    generate_lib.kv_settings(dict(kv_quant="int4", attn_qk="int8"))
+  settings = generate_lib.kv_settings(dict(kv_quant="int8", attn_qk="int8"))
+  qrun = generate_lib.with_kv_settings(run, settings)
+  assert (qrun.cfg.kv_quant, qrun.cfg.attn_qk) == ("int8", "int8") and qrun.params is run.params
+  assert generate_lib.with_kv_settings(run, generate_lib.kv_settings({})) is run
+  opts = decode_lib.Options(max_new_tokens=8)
+  (ref,) = generate_lib.generate_text(run, ["def f("], "sample", opts)
+  (res,) = generate_lib.generate_text(qrun, ["def f("], "sample", opts)
+  assert len(res["tokens"]) == 8 and res["finish_reason"] == ref["finish_reason"]
