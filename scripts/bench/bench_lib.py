@@ -123,6 +123,15 @@ def command_line(module: str, names: Iterable[str],
   return " ".join(parts)
 
 
+def finish(module: str, names: Iterable[str], out: str, meta: dict,
+           report: Callable[[str], tuple[dict, str | None]]) -> tuple[str, ...]:
+  """The end of a bench: `meta` gains the closing load average and the command line, then
+  `report(command) -> (result dict, markdown)` is written with `write_results`."""
+  meta["load_avg_1m_end"] = os.getloadavg()[0]
+  meta["command"] = command = command_line(module, names)
+  return write_results(out, *report(command))
+
+
 def write_results(out: str, result: dict, markdown: str | None,
                   log: Callable[[str], object] = print) -> tuple[str, ...]:
   """Writes `<out>.json` and, given `markdown`, `<out>.md` (creating the folder); logs the

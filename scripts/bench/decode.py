@@ -177,11 +177,9 @@ def main():
       hf_tok = r.get("hf", {}).get("tok_s", float("nan"))
       print(f"prompt {p:5d} batch {b:3d}: sparq {r['sparq']['tok_s']:8.1f} tok/s  "
             f"hf {hf_tok:8.1f} tok/s  ({r['sparq']['tok_s'] / hf_tok:.2f}x)", flush=True)
-  meta["load_avg_1m_end"] = os.getloadavg()[0]
-  command = bench_lib.command_line("scripts.bench.decode", FLAG_NAMES)
-  meta["command"] = command
-  bench_lib.write_results(os.path.join(_OUT.value, "bench_decode"),
-                          dict(meta=meta, results=results), _table(results, meta, command))
+  bench_lib.finish("scripts.bench.decode", FLAG_NAMES, os.path.join(_OUT.value, "bench_decode"),
+                   meta, lambda cmd: (dict(meta=meta, results=results),
+                                      _table(results, meta, cmd)))
 
 
 if __name__ == "__main__":

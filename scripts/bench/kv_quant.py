@@ -130,11 +130,9 @@ def main():
                      greedy_agreement=float((tokens[name] == tokens["float"]).mean()),
                      decode_tok_s=b * (new - 1) / max(best[name][0] - best[name][1], 1e-9)))
     print({k: v for k, v in rows[-1].items() if k != "method"} | {"method": name}, flush=True)
-  meta["load_avg_1m_end"] = os.getloadavg()[0]
-  command = bench_lib.command_line("scripts.bench.kv_quant", FLAG_NAMES)
-  meta["command"] = command
-  bench_lib.write_results(os.path.join(_OUT.value, "bench_kv_quant"),
-                          dict(meta=meta, results=rows), _table(rows, meta, command))
+  bench_lib.finish("scripts.bench.kv_quant", FLAG_NAMES,
+                   os.path.join(_OUT.value, "bench_kv_quant"), meta,
+                   lambda cmd: (dict(meta=meta, results=rows), _table(rows, meta, cmd)))
 
 
 if __name__ == "__main__":

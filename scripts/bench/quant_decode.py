@@ -205,12 +205,10 @@ def main():
   if _MATMUL.value:
     mm_rows = matmul_points([PROBE_SHAPE, *kernel_shapes(params)], ms, _LOOP.value,
                             _MM_REPEATS.value)
-  meta["load_avg_1m_end"] = os.getloadavg()[0]
-  command = bench_lib.command_line("scripts.bench.quant_decode", FLAG_NAMES)
-  meta["command"] = command
-  bench_lib.write_results(os.path.join(_OUT.value, "bench_quant_decode"),
-                          dict(meta=meta, decode=decode_rows, matmul=mm_rows),
-                          markdown(meta, decode_rows, mm_rows, command))
+  bench_lib.finish("scripts.bench.quant_decode", FLAG_NAMES,
+                   os.path.join(_OUT.value, "bench_quant_decode"), meta,
+                   lambda cmd: (dict(meta=meta, decode=decode_rows, matmul=mm_rows),
+                                markdown(meta, decode_rows, mm_rows, cmd)))
 
 
 if __name__ == "__main__":
