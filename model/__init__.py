@@ -2,6 +2,7 @@
 
 from model.attention import (
     AttentionMask,
+    BlockLayout,
     attention,
     cache_attention,
     cache_layout,
@@ -29,7 +30,8 @@ count_params = tree_size  # logical parameters: an int4 tree counts as its float
 
 __all__ = [
     "Calibration", "KernelStats", "calibrate", "calibrate_sequential",
-    "AttentionMask", "ByteTokenizer", "Decoder", "KVCache", "ModelConfig", "NMArray", "PRESETS",
+    "AttentionMask", "BlockLayout", "ByteTokenizer", "Decoder", "KVCache", "ModelConfig",
+    "NMArray", "PRESETS",
     "PrefixCache", "QArray", "RopeScaling", "Tokenizer", "Transformer", "apply", "attention",
     "cache_attention", "cache_layout", "compress_nm", "count_params", "decompress_nm", "flatten",
     "get_preset", "get_tokenizer", "hidden_states", "init", "init_cache", "is_nmarray",

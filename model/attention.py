@@ -17,6 +17,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from model import kv_cache
@@ -25,6 +26,168 @@ from model.kv_cache import KVCache, PrefixCache, write_layer
 
 IMPLS = ("reference", "xla")
 _NEG = -1e30  # finite "minus infinity": fully masked rows stay NaN-free
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BlockLayout:
+  """Which kv blocks each q block attends to (FlexAttention's BlockMask, splash's mask info).
+
+  Queries are cut into blocks of `block_q` rows and keys into blocks of `block_kv` slots
+  (the last block of each may be partial: attention pads it). For every (row, head,
+  q block):
+    kv_num_blocks[b, h, i]: how many kv blocks are active;
+    kv_indices[b, h, i, :]: their indices, ascending, in the first kv_num_blocks entries
+      (the rest are ignored);
+    full_num_blocks / full_indices (optional, same form): more active blocks, ones the
+      element mask leaves whole, so a kernel may skip the mask there. The XLA and
+      reference paths apply the element mask everywhere, so such a claim can only
+      speed a kernel up, never change these paths' result.
+  The active set is the union of the two lists. The batch axis may be 1 (shared by every
+  row) and the head axis 1 (every head), the kv heads (a GQA group shares) or the query
+  heads. `to_dense(T, S)` is the equivalent boolean mask; builders live in
+  `sparsity.attention`.
+  """
+
+  kv_num_blocks: Int[Array, "B H Qb"]
+  kv_indices: Int[Array, "B H Qb M"]
+  full_num_blocks: Int[Array, "B H Qb"] | None = None
+  full_indices: Int[Array, "B H Qb F"] | None = None
+  block_q: int = dataclasses.field(metadata=dict(static=True))
+  block_kv: int = dataclasses.field(metadata=dict(static=True))
+
+  def __post_init__(self):
+    for name in ("block_q", "block_kv"):
+      v = getattr(self, name)
+      if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"BlockLayout.{name}={v!r} must be a positive int")
+    # Leaves are other objects while JAX flattens / unflattens (tracing, vmap): check arrays.
+    if not hasattr(self.kv_indices, "shape") or not hasattr(self.kv_num_blocks, "shape"):
+      return
+    if self.kv_num_blocks.ndim != 3 or self.kv_indices.ndim != 4 or (
+        self.kv_indices.shape[:3] != self.kv_num_blocks.shape):
+      raise ValueError(f"BlockLayout: kv_num_blocks {self.kv_num_blocks.shape} must be [B, H, "
+                       f"Qb] and kv_indices {self.kv_indices.shape} [B, H, Qb, max_kv_blocks]")
+    if (self.full_num_blocks is None) != (self.full_indices is None):
+      raise ValueError("BlockLayout: give both full_num_blocks and full_indices, or neither")
+    if self.full_indices is not None and hasattr(self.full_indices, "shape") and (
+        self.full_indices.ndim != 4 or self.full_indices.shape[:3] != self.kv_num_blocks.shape
+        or self.full_num_blocks.shape != self.kv_num_blocks.shape):
+      raise ValueError(f"BlockLayout: full_num_blocks {self.full_num_blocks.shape} / "
+                       f"full_indices {self.full_indices.shape} must match kv_num_blocks "
+                       f"{self.kv_num_blocks.shape} (+ a trailing block axis)")
+
+  batch = property(lambda self: self.kv_num_blocks.shape[0])
+  heads = property(lambda self: self.kv_num_blocks.shape[1])
+  q_blocks = property(lambda self: self.kv_num_blocks.shape[2])
+
+  @property
+  def max_kv_blocks(self) -> int:
+    """Blocks one q block may visit (partial + full lists): what the XLA path computes."""
+    f = 0 if self.full_indices is None else self.full_indices.shape[3]
+    return self.kv_indices.shape[3] + f
+
+  def replace(self, **kw) -> BlockLayout:
+    return dataclasses.replace(self, **kw)
+
+  @classmethod
+  def from_block_mask(cls, block_mask: Bool[Array, "B H Qb Sb"], *, block_q: int, block_kv: int,
+                      full_mask: Bool[Array, "B H Qb Sb"] | None = None,
+                      max_kv_blocks: int | None = None) -> BlockLayout:
+    """The layout of a boolean block mask (True: active). With `full_mask` (a subset of
+    `block_mask`), those blocks go to the full lists and the rest stay partial.
+
+    max_kv_blocks: the index lists' length (default: the most active blocks of any q
+    block when the mask is concrete, else Sb). A q block with more active blocks than
+    that is a ValueError when the mask is concrete (never silently dropped).
+    """
+    block_mask = jnp.asarray(block_mask, bool)
+    if block_mask.ndim != 4:
+      raise ValueError(f"block_mask must be [B, H, Qb, Sb], got shape {block_mask.shape}")
+    partial = block_mask if full_mask is None else block_mask & ~jnp.asarray(full_mask, bool)
+    num, idx = _index_lists(partial, max_kv_blocks, "max_kv_blocks")
+    if full_mask is None:
+      return cls(kv_num_blocks=num, kv_indices=idx, block_q=block_q, block_kv=block_kv)
+    fnum, fidx = _index_lists(block_mask & jnp.asarray(full_mask, bool), None, "full blocks")
+    return cls(kv_num_blocks=num, kv_indices=idx, full_num_blocks=fnum, full_indices=fidx,
+               block_q=block_q, block_kv=block_kv)
+
+  def block_mask(self, kv_blocks: int) -> Bool[Array, "B H Qb Sb"]:
+    """The active blocks as a boolean [B, H, Qb, kv_blocks] mask (both lists)."""
+    out = _list_mask(self.kv_num_blocks, self.kv_indices, kv_blocks)
+    if self.full_indices is not None:
+      out |= _list_mask(self.full_num_blocks, self.full_indices, kv_blocks)
+    return out
+
+  def to_dense(self, t: int, s: int) -> Bool[Array, "B H T S"]:
+    """The equivalent boolean mask over T queries and S keys (True: the block is active)."""
+    self.check(t, s)
+    sb = -(-s // self.block_kv)
+    m = self.block_mask(sb)
+    m = jnp.repeat(jnp.repeat(m, self.block_q, axis=2), self.block_kv, axis=3)
+    return m[:, :, :t, :s]
+
+  def density(self, t: int, s: int) -> Array:
+    """The fraction of the T x S (query, key) pairs inside active blocks (per row, head)."""
+    return jnp.mean(self.to_dense(t, s), axis=(-2, -1))
+
+  def check(self, t: int, s: int, *, batch: int | None = None,
+            heads: tuple[int, ...] | None = None) -> None:
+    """ValueError unless this layout fits T queries and S keys: q_blocks == ceil(T / block_q),
+    batch 1 or `batch`, heads in `heads`; with concrete arrays also indices in [0, Sb),
+    ascending in each list's active prefix, and counts in [0, list length]."""
+    qb, sb = -(-t // self.block_q), -(-s // self.block_kv)
+    if self.q_blocks != qb:
+      raise ValueError(f"BlockLayout has {self.q_blocks} q blocks of {self.block_q}; "
+                       f"{t} queries need ceil({t}/{self.block_q}) = {qb}")
+    if batch is not None and self.batch not in (1, batch):
+      raise ValueError(f"BlockLayout batch {self.batch}; valid: 1 or the batch {batch}")
+    if heads is not None and self.heads not in heads:
+      raise ValueError(f"BlockLayout heads {self.heads}; valid: "
+                       f"{', '.join(map(str, sorted(set(heads))))}")
+    lists = [("kv", self.kv_num_blocks, self.kv_indices)]
+    if self.full_indices is not None:
+      lists.append(("full", self.full_num_blocks, self.full_indices))
+    for name, num, idx in lists:
+      if isinstance(num, jax.core.Tracer) or isinstance(idx, jax.core.Tracer):
+        continue
+      num, idx = np.asarray(num), np.asarray(idx)
+      m = idx.shape[-1]
+      if num.size and (num.min() < 0 or num.max() > m):
+        raise ValueError(f"BlockLayout.{name}_num_blocks must lie in [0, {m}] (the list "
+                         f"length); got [{num.min()}, {num.max()}]")
+      active = np.arange(m) < num[..., None]
+      if np.any(active & ((idx < 0) | (idx >= sb))):
+        bad = idx[active & ((idx < 0) | (idx >= sb))][0]
+        raise ValueError(f"BlockLayout.{name}_indices holds block {bad}; valid: 0..{sb - 1} "
+                         f"({s} keys in blocks of {self.block_kv})")
+      if m > 1 and np.any(active[..., 1:] & (np.diff(idx, axis=-1) <= 0)):
+        raise ValueError(f"BlockLayout.{name}_indices must be strictly ascending within each "
+                         f"q block's first {name}_num_blocks entries")
+
+
+def _index_lists(mask_BHQS, length, name):
+  """(counts [B, H, Qb], ascending indices [B, H, Qb, length]) of a boolean block mask."""
+  sb = mask_BHQS.shape[-1]
+  num = jnp.sum(mask_BHQS, axis=-1, dtype=jnp.int32)
+  concrete = not isinstance(num, jax.core.Tracer)
+  most = int(num.max()) if concrete and num.size else sb
+  if length is None:
+    length = max(most, 1)
+  elif isinstance(length, bool) or not isinstance(length, int) or not 1 <= length <= sb:
+    raise ValueError(f"{name}={length!r} must be an int in [1, {sb}] (the kv blocks)")
+  elif concrete and most > length:
+    raise ValueError(f"{name}={length} but a q block has {most} active kv blocks; raise "
+                     f"{name} (blocks are never dropped silently)")
+  # Active blocks first, each group in ascending block order (a stable sort on ~mask).
+  order = jnp.argsort(~mask_BHQS, axis=-1, stable=True).astype(jnp.int32)
+  return num, order[..., :length]
+
+
+def _list_mask(num_BHQ, idx_BHQM, kv_blocks):
+  active = jnp.arange(idx_BHQM.shape[-1]) < num_BHQ[..., None]
+  hit = (idx_BHQM[..., None] == jnp.arange(kv_blocks)) & active[..., None]
+  return jnp.any(hit, axis=-2)
 
 
 @jax.tree_util.register_dataclass
@@ -39,6 +202,8 @@ class AttentionMask:
   causal: key position <= query position.
   window: sliding window; key visible when q_pos - kv_pos < window.
   sinks: the first `sinks` positions stay visible through the window (StreamingLLM).
+  layout: a `BlockLayout`: attention is further restricted to its active blocks (the
+    element mask above still applies inside them); impl "xla" then computes only those.
   """
 
   q_positions: Int[Array, "B T"] | None = None
@@ -49,12 +214,13 @@ class AttentionMask:
   causal: bool = dataclasses.field(default=True, metadata=dict(static=True))
   window: int | None = dataclasses.field(default=None, metadata=dict(static=True))
   sinks: int = dataclasses.field(default=0, metadata=dict(static=True))
+  layout: BlockLayout | None = None
 
   def replace(self, **kw) -> AttentionMask:
     return dataclasses.replace(self, **kw)
 
   def materialize(self, batch: int, t: int, s: int) -> Bool[Array, "B T S"]:
-    """The dense boolean mask, True where a query may attend to a key."""
+    """The dense element mask (the layout aside), True where a query may attend to a key."""
     qp = self.q_positions if self.q_positions is not None else jnp.arange(t)[None]
     kp = self.kv_positions if self.kv_positions is not None else jnp.arange(s)[None]
     qp, kp = qp[:, :, None], kp[:, None, :]
@@ -124,6 +290,10 @@ def cache_attention(q_BTHD: Float[Array, "B T H Dh"], cache: KVCache, layer: int
     raise ValueError(
         f"attn_qk='int8' needs a KV cache with kv_quant='int8' (int8 x int8 Q.K^T; make it "
         f"with model.Decoder(cfg).init_cache); this cache has kv_quant={cache.quant!r}")
+  if cache.select is not None and mask.layout is None:
+    layout = cache.select(q_BTHD, cache_keys(cache, layer), mask, layer)
+    if layout is not None:
+      mask = mask.replace(layout=layout)
   if cache.quant is None:
     return _attend(q_BTHD, cache.k[layer], cache.v[layer], mask, impl, cache.layout, None,
                    return_lse)
@@ -131,6 +301,18 @@ def cache_attention(q_BTHD: Float[Array, "B T H Dh"], cache: KVCache, layer: int
   return _attend_codes(q_BTHD, cache.k[layer], cache.v[layer], mask, impl, cache.layout, None,
                        return_lse, fmt=cache.quant, k_scale=cache.k_scale[layer],
                        v_scale=cache.v_scale[layer], k_mean=k_mean, int_qk=qk == "int8")
+
+
+def cache_keys(cache: KVCache, layer: int) -> Float[Array, "B K S Dh"]:
+  """One layer's keys as f32 [B, K, S, Dh] (dequantized, key mean added back)."""
+  k = cache.k[layer]
+  if cache.quant is not None:
+    dh_axis = 2 if cache.layout == "heads_major" else 3
+    k = kv_cache.dequantize(k, cache.k_scale[layer], cache.quant, dh_axis)
+    if cache.k_mean is not None:
+      k = k + jnp.expand_dims(cache.k_mean[layer].astype(jnp.float32), 3 if dh_axis == 2 else 1)
+  k = k.astype(jnp.float32)
+  return jnp.swapaxes(k, 2, 3) if cache.layout == "heads_major" else jnp.swapaxes(k, 1, 2)
 
 
 def _check_impl(impl):
@@ -158,19 +340,36 @@ def _attend(q_BTHD, k, v, mask, impl, layout, scale, return_lse):
   b, t, h, dh = q_BTHD.shape
   heads_major, s, kh, scale = _dims(q_BTHD, k, layout, scale)
   k, v = k.astype(q_BTHD.dtype), v.astype(q_BTHD.dtype)
-  mask_BTS = mask.materialize(b, t, s)
+  if mask.layout is not None and impl == "xla":
+    return _block_sparse(q_BTHD, k, v, mask, layout, scale, return_lse)
+  mask5 = _mask5(mask, b, t, s, h, kh)
   if impl == "xla" and heads_major:
-    return _heads_major(q_BTHD, k, v, mask_BTS, scale, return_lse)
+    return _heads_major(q_BTHD, k, v, mask5, scale, return_lse)
   if heads_major:
     k, v = jnp.transpose(k, (0, 3, 1, 2)), jnp.swapaxes(v, 1, 2)
   if impl == "xla" and not return_lse:
     out = jax.nn.dot_product_attention(
-        q_BTHD, k, v, mask=mask_BTS[:, None], scale=scale, implementation="xla")
+        q_BTHD, k, v, mask=mask5[:, :, 0], scale=scale, implementation="xla")
     return out.astype(q_BTHD.dtype)
-  return _reference(q_BTHD, k, v, mask_BTS, scale, return_lse)
+  return _reference(q_BTHD, k, v, mask5, scale, return_lse)
 
 
-def _heads_major(q_BTHD, k_BKDS, v_BKSD, mask_BTS, scale, return_lse):
+def _mask5(mask: AttentionMask, b, t, s, h, kh) -> Bool[Array, "B K G T S"]:
+  """The dense mask (element mask and layout), broadcastable to [B, K, G, T, S]."""
+  m = mask.materialize(b, t, s)[:, None, None]
+  if mask.layout is None:
+    return m
+  mask.layout.check(t, s, batch=b, heads=(1, kh, h))
+  d = mask.layout.to_dense(t, s)
+  hl = d.shape[1]
+  if hl == h:
+    d = d.reshape(d.shape[0], kh, h // kh, t, s)
+  else:  # 1 (every head) or the kv heads (a group shares)
+    d = d[:, :, None]
+  return m & d
+
+
+def _heads_major(q_BTHD, k_BKDS, v_BKSD, mask5, scale, return_lse):
   """Attention against k [B, K, Dh, S] and v [B, K, S, Dh]: both batched dots find their
   operands in the layout XLA wants, so a KV cache is read in place, never transposed."""
   b, t, h, dh = q_BTHD.shape
@@ -179,7 +378,7 @@ def _heads_major(q_BTHD, k_BKDS, v_BKSD, mask_BTS, scale, return_lse):
   q_BKGTD = jnp.transpose(q_BTHD.reshape(b, t, kh, h // kh, dh), (0, 2, 3, 1, 4)).astype(dtype)
   logits_BKGTS = jnp.einsum("bkgtd,bkds->bkgts", q_BKGTD, k_BKDS,
                             preferred_element_type=jnp.float32) * scale
-  logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, _NEG)
+  logits_BKGTS = jnp.where(mask5, logits_BKGTS, _NEG)
   lse_BKGT = jax.nn.logsumexp(logits_BKGTS, axis=-1)
   probs_BKGTS = jnp.exp(logits_BKGTS - lse_BKGT[..., None]).astype(v_BKSD.dtype)
   out_BKGTD = jnp.einsum("bkgts,bksd->bkgtd", probs_BKGTS, v_BKSD,
@@ -190,12 +389,12 @@ def _heads_major(q_BTHD, k_BKDS, v_BKSD, mask_BTS, scale, return_lse):
   return out, jnp.transpose(lse_BKGT, (0, 3, 1, 2)).reshape(b, t, h)
 
 
-def _reference(q_BTHD, k_BSKD, v_BSKD, mask_BTS, scale, return_lse):
+def _reference(q_BTHD, k_BSKD, v_BSKD, mask5, scale, return_lse):
   b, t, h, dh = q_BTHD.shape
   kh = k_BSKD.shape[2]
   q_BTKGD = q_BTHD.reshape(b, t, kh, h // kh, dh).astype(jnp.float32)
   logits_BKGTS = jnp.einsum("btkgd,bskd->bkgts", q_BTKGD, k_BSKD.astype(jnp.float32)) * scale
-  logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, _NEG)
+  logits_BKGTS = jnp.where(mask5, logits_BKGTS, _NEG)
   lse_BKGT = jax.nn.logsumexp(logits_BKGTS, axis=-1)
   probs = jnp.exp(logits_BKGTS - lse_BKGT[..., None])
   out_BTKGD = jnp.einsum("bkgts,bskd->btkgd", probs, v_BSKD.astype(jnp.float32))
@@ -224,7 +423,13 @@ def _attend_codes(q_BTHD, k, v, mask, impl, layout, scale, return_lse, *, fmt, k
   _check_impl(impl)
   b, t, h, dh = q_BTHD.shape
   heads_major, s, kh, scale = _dims(q_BTHD, k, layout, scale)
-  mask_BTS = mask.materialize(b, t, s)
+  if mask.layout is not None and impl == "xla":
+    if int_qk:
+      raise ValueError("attn_qk='int8' has no block-sparse path; use attn_qk=None with a "
+                       "BlockLayout (a quantized cache is still read from its codes)")
+    return _block_sparse(q_BTHD, k, v, mask, layout, scale, return_lse,
+                         quant=dict(fmt=fmt, k_scale=k_scale, v_scale=v_scale, k_mean=k_mean))
+  mask5 = _mask5(mask, b, t, s, h, kh)
   k_axis = 2 if heads_major else 3
   k = kv_cache.codes(k, fmt, k_axis)
   if v_scale is not None:
@@ -237,7 +442,7 @@ def _attend_codes(q_BTHD, k, v, mask, impl, layout, scale, return_lse, *, fmt, k
       v = v.astype(jnp.float32) * v_scale.astype(jnp.float32)[..., None]
     if heads_major:
       k, v = jnp.transpose(k, (0, 3, 1, 2)), jnp.swapaxes(v, 1, 2)
-    return _reference(q_BTHD, k, v, mask_BTS, scale, return_lse)
+    return _reference(q_BTHD, k, v, mask5, scale, return_lse)
   dtype = q_BTHD.dtype
   to_BKS = (lambda x: x) if heads_major else (lambda x: jnp.swapaxes(x, 1, 2))
   q_BKGTD = jnp.transpose(q_BTHD.reshape(b, t, kh, h // kh, dh), (0, 2, 3, 1, 4))
@@ -253,7 +458,7 @@ def _attend_codes(q_BTHD, k, v, mask, impl, layout, scale, return_lse, *, fmt, k
   if k_mean is not None:
     logits_BKGTS = logits_BKGTS + jnp.einsum(
         "bkgtd,bkd->bkgt", q_BKGTD.astype(jnp.float32), k_mean.astype(jnp.float32))[..., None]
-  logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS * scale, _NEG)
+  logits_BKGTS = jnp.where(mask5, logits_BKGTS * scale, _NEG)
   lse_BKGT = jax.nn.logsumexp(logits_BKGTS, axis=-1)
   probs_BKGTS = jnp.exp(logits_BKGTS - lse_BKGT[..., None])
   if v_scale is not None:
@@ -264,6 +469,167 @@ def _attend_codes(q_BTHD, k, v, mask, impl, layout, scale, return_lse, *, fmt, k
   if not return_lse:
     return out
   return out, jnp.transpose(lse_BKGT, (0, 3, 1, 2)).reshape(b, t, h)
+
+
+# --- Block-sparse attention (impl="xla" with a BlockLayout): only active blocks computed.
+
+# Bytes of f32 scores one online-softmax step may hold; the kv blocks of every q block
+# are visited in chunks of as many blocks as fit.
+BLOCK_CHUNK_BYTES = 1 << 26
+
+
+def _block_sparse(q_BTHD, k, v, mask, kv_layout, scale, return_lse, quant=None):
+  """Attention over the active kv blocks of each q block of `mask.layout` only.
+
+  Gathers each q block's listed kv blocks (a chunk at a time) and runs an online softmax
+  over them, with the element mask computed inside the gathered blocks (no T x S mask),
+  so work and memory scale with the layout's max_kv_blocks, not with S. Queries with no
+  visible key get zeros (lse -1e30). `quant` (a quantized cache): dict(fmt, k_scale,
+  v_scale, k_mean); gathered codes are dequantized block by block.
+  """
+  layout = mask.layout
+  b, t, h, dh = q_BTHD.shape
+  heads_major, s, kh, scale = _dims(q_BTHD, k, kv_layout, scale)
+  g = h // kh
+  layout.check(t, s, batch=b, heads=(1, kh, h))
+  bq, bk = layout.block_q, layout.block_kv
+  qb, sb = -(-t // bq), -(-s // bk)
+  tp, sp = qb * bq, sb * bk
+
+  idx = layout.kv_indices
+  valid = jnp.arange(idx.shape[-1]) < layout.kv_num_blocks[..., None]
+  if layout.full_indices is not None:
+    idx = jnp.concatenate([idx, layout.full_indices], axis=-1)
+    valid = jnp.concatenate(
+        [valid, jnp.arange(layout.full_indices.shape[-1]) < layout.full_num_blocks[..., None]],
+        axis=-1)
+  m_blocks = idx.shape[-1]
+  per_head = layout.heads == h and g > 1  # each query head of a group has its own list
+  gi, r = (g, bq) if per_head else (1, g * bq)
+
+  def lists(x):  # [B', H', Qb, M] -> [B, K, gi, Qb, M]
+    x = jnp.broadcast_to(x, (b, *x.shape[1:]))
+    if per_head:
+      return x.reshape(b, kh, g, qb, m_blocks)
+    return jnp.broadcast_to(x[:, :, None], (b, kh, 1, qb, m_blocks))
+
+  idx, valid = lists(jnp.clip(idx, 0, sb - 1).astype(jnp.int32)), lists(valid)
+
+  q = jnp.pad(q_BTHD, ((0, 0), (0, tp - t), (0, 0), (0, 0)))
+  q = q.reshape(b, qb, bq, kh, g, dh)
+  if per_head:
+    q = jnp.transpose(q, (0, 3, 4, 1, 2, 5))  # [B, K, G, Qb, bq, Dh]
+  else:  # the group's heads become more rows of the q block: row g * bq + i
+    q = jnp.transpose(q, (0, 3, 1, 4, 2, 5)).reshape(b, kh, 1, qb, r, dh)
+
+  def rows(x, fill):  # [B, T] per-query values -> [B, Qb, R]
+    x = jnp.pad(jnp.broadcast_to(x, (b, t)), ((0, 0), (0, tp - t)), constant_values=fill)
+    return jnp.tile(x.reshape(b, qb, bq), (1, 1, r // bq))
+
+  def slots(x, fill):  # [B, S] per-key values -> [B, Sb, bk]
+    x = jnp.pad(jnp.broadcast_to(x, (b, s)), ((0, 0), (0, sp - s)), constant_values=fill)
+    return x.reshape(b, sb, bk)
+
+  qpos = rows(jnp.arange(t)[None] if mask.q_positions is None else mask.q_positions, 0)
+  kpos = slots(jnp.arange(s)[None] if mask.kv_positions is None else mask.kv_positions, 0)
+  kval = slots(jnp.ones((1, s), bool) if mask.kv_valid is None else mask.kv_valid, False)
+  seg = None
+  if mask.q_segment_ids is not None:
+    kseg = mask.kv_segment_ids if mask.kv_segment_ids is not None else mask.q_segment_ids
+    seg = (rows(mask.q_segment_ids, -1), slots(kseg, -2))
+
+  pad_s = lambda x, axis: jnp.pad(x, [(0, sp - s if i == axis else 0) for i in range(x.ndim)])
+  if heads_major:  # k [B, K, Dh', S], v [B, K, S, Dh'] (Dh': Dh, or Dh / 2 for int4 codes)
+    kb = pad_s(k, 3).reshape(*k.shape[:3], sb, bk)
+    vb = pad_s(v, 2).reshape(b, kh, sb, bk, v.shape[-1])
+  else:  # k, v [B, S, K, Dh']
+    kb = jnp.swapaxes(pad_s(k, 1), 1, 2).reshape(b, kh, sb, bk, k.shape[-1])
+    vb = jnp.swapaxes(pad_s(v, 1), 1, 2).reshape(b, kh, sb, bk, v.shape[-1])
+  qargs = None
+  if quant is not None:
+    to_bks = (lambda x: x) if heads_major else (lambda x: jnp.swapaxes(x, 1, 2))
+    ks = pad_s(to_bks(quant["k_scale"].astype(jnp.float32)), 2).reshape(b, kh, sb, bk)
+    vs = None if quant["v_scale"] is None else pad_s(
+        to_bks(quant["v_scale"].astype(jnp.float32)), 2).reshape(b, kh, sb, bk)
+    km = None if quant["k_mean"] is None else quant["k_mean"].astype(jnp.float32)
+    qargs = (ks, vs, km)
+
+  per_block = b * h * tp * bk * 4
+  chunk = int(max(1, min(m_blocks, BLOCK_CHUNK_BYTES // max(per_block, 1))))
+  n_chunks = -(-m_blocks // chunk)
+  pad_m = n_chunks * chunk - m_blocks
+  if pad_m:
+    idx = jnp.pad(idx, [(0, 0)] * 4 + [(0, pad_m)])
+    valid = jnp.pad(valid, [(0, 0)] * 4 + [(0, pad_m)])
+  fmt = None if quant is None else quant["fmt"]
+  dtype = q_BTHD.dtype
+
+  def one(q_GQRD, kb_, vb_, idx_GQM, valid_GQM, qpos_QR, kpos_SK, kval_SK, seg_, qargs_):
+    """One (row, kv head): q [gi, Qb, R, Dh] against its listed blocks."""
+
+    def step(carry, j):
+      m_i, l_i, acc = carry
+      ic = jax.lax.dynamic_slice_in_dim(idx_GQM, j * chunk, chunk, axis=2)  # [gi, Qb, c]
+      vc = jax.lax.dynamic_slice_in_dim(valid_GQM, j * chunk, chunk, axis=2)
+      kg = jnp.take(kb_, ic, axis=1 if heads_major else 0)  # [Dh', gi,Qb,c,bk] / [gi,Qb,c,bk,Dh']
+      vg = jnp.take(vb_, ic, axis=0)  # [gi, Qb, c, bk, Dh']
+      if fmt is not None:
+        ks_, vs_, km_ = qargs_
+        dh_axis = 0 if heads_major else -1
+        kg = kv_cache.codes(kg, fmt, dh_axis).astype(jnp.float32) * jnp.expand_dims(
+            jnp.take(ks_, ic, axis=0), dh_axis)
+        if km_ is not None:
+          kg = kg + (km_[:, None, None, None, None] if heads_major else km_)
+        if vs_ is not None:
+          vs_g = jnp.take(vs_, ic, axis=0)[..., None]
+          vg = kv_cache.codes(vg, fmt, -1).astype(jnp.float32) * vs_g
+      eq = "gqrd,dgqcs->gqrcs" if heads_major else "gqrd,gqcsd->gqrcs"
+      logits = jnp.einsum(eq, q_GQRD, kg.astype(dtype), preferred_element_type=jnp.float32)
+      kp = jnp.take(kpos_SK, ic, axis=0)[:, :, None]  # [gi, Qb, 1, c, bk]
+      qp = qpos_QR[None, :, :, None, None]  # [1, Qb, R, 1, 1]
+      em = (jnp.take(kval_SK, ic, axis=0) & vc[..., None])[:, :, None]
+      if mask.causal:
+        em = em & (kp <= qp)
+      if mask.window is not None:
+        in_window = (qp - kp) < mask.window
+        if mask.sinks:
+          in_window |= kp < mask.sinks
+        em = em & in_window
+      if seg_ is not None:
+        qs, ks_seg = seg_
+        em = em & (qs[None, :, :, None, None] == jnp.take(ks_seg, ic, axis=0)[:, :, None])
+      logits = jnp.where(em, logits * scale, _NEG)
+      m_new = jnp.maximum(m_i, jnp.max(logits, axis=(-2, -1)))
+      p = jnp.where(em, jnp.exp(logits - m_new[..., None, None]), 0.0)
+      corr = jnp.exp(m_i - m_new)
+      l_new = l_i * corr + jnp.sum(p, axis=(-2, -1))
+      pv = jnp.einsum("gqrcs,gqcsd->gqrd", p.astype(dtype), vg.astype(dtype),
+                      preferred_element_type=jnp.float32)
+      return (m_new, l_new, acc * corr[..., None] + pv), None
+
+    shape = q_GQRD.shape[:-1]
+    init = (jnp.full(shape, _NEG, jnp.float32), jnp.zeros(shape, jnp.float32),
+            jnp.zeros((*shape, dh), jnp.float32))
+    if n_chunks == 1:
+      (m_i, l_i, acc), _ = step(init, 0)
+    else:
+      (m_i, l_i, acc), _ = jax.lax.scan(step, init, jnp.arange(n_chunks))
+    seen = l_i > 0
+    out = jnp.where(seen[..., None], acc / jnp.where(seen, l_i, 1.0)[..., None], 0.0)
+    return out, jnp.where(seen, m_i + jnp.log(jnp.where(seen, l_i, 1.0)), _NEG)
+
+  # vmap over rows, then kv heads; per-query / per-key mask data has no kv-head axis.
+  inner = jax.vmap(one, in_axes=(0, 0, 0, 0, 0, None, None, None, None, 0))
+  out, lse = jax.vmap(inner)(q, kb, vb, idx, valid, qpos, kpos, kval, seg, qargs)
+  # [B, K, gi, Qb, R, ...] -> [B, T, H, ...]
+  if per_head:
+    out, lse = jnp.transpose(out, (0, 1, 3, 2, 4, 5)), jnp.transpose(lse, (0, 1, 3, 2, 4))
+  out = out.reshape(b, kh, qb, g, bq, dh)
+  lse = lse.reshape(b, kh, qb, g, bq)
+  out = jnp.transpose(out, (0, 2, 4, 1, 3, 5)).reshape(b, tp, h, dh)[:, :t].astype(dtype)
+  if not return_lse:
+    return out
+  return out, jnp.transpose(lse, (0, 2, 4, 1, 3)).reshape(b, tp, h)[:, :t]
 
 
 def merge_partials(out_a, lse_a, out_b, lse_b):

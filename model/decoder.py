@@ -20,9 +20,15 @@ from model.kv_cache import KVCache, init_cache
 
 @dataclasses.dataclass(frozen=True)
 class Decoder:
-  """`step_fn(params, tokens[B, T], cache) -> (logits[B, T, V] f32, cache)` for `cfg`."""
+  """`step_fn(params, tokens[B, T], cache) -> (logits[B, T, V] f32, cache)` for `cfg`.
+
+  attn_select: a dynamic block selector (`sparsity.attention`: top-k, HiP, SALE) that
+    the caches it makes carry; attention then reads only the blocks it picks, in prefill
+    and in every decode step.
+  """
 
   cfg: ModelConfig
+  attn_select: object = dataclasses.field(default=None, kw_only=True)
 
   def __call__(self, params, tokens_BT: Int[Array, "B T"], cache):
     return transformer.apply(self.cfg, params, tokens_BT, cache=cache)
@@ -31,7 +37,7 @@ class Decoder:
                  layout: str | None = None) -> KVCache:
     """An empty cache (zeros, lengths 0) in the layout attention reads fastest here."""
     return init_cache(self.cfg, batch, max_len, dtype=dtype,
-                      layout=layout or cache_layout())
+                      layout=layout or cache_layout(), select=self.attn_select)
 
   def read_params(self, params):
     """The part of `params` one step reads (cost accounting); all of it here."""

@@ -45,6 +45,9 @@ class KVCache:
 
   k_scale / v_scale / k_mean: per-layer scale and key-mean buffers of a quantized cache
   (None for a float cache, and k_mean None unless keys are smoothed).
+  select: a dynamic block selector (static; `sparsity.attention` builds them), called by
+    attention on every read as `select(q_BTHD, k_BKSD, mask, layer) -> BlockLayout | None`
+    (k_BKSD: the layer's keys as floats [B, K, S, Dh]; None: dense for this layer).
   """
 
   k: tuple[Array, ...]
@@ -55,6 +58,7 @@ class KVCache:
   v_scale: tuple[Array, ...] | None = None
   k_mean: tuple[Array, ...] | None = None
   quant: str | None = dataclasses.field(default=None, metadata=dict(static=True))
+  select: object = dataclasses.field(default=None, metadata=dict(static=True))
 
   @property
   def batch(self) -> int:
@@ -154,10 +158,11 @@ class PrefixCache:
                      "group); decode from a plain KVCache for beam search")
 
 
-def init_cache(cfg, batch: int, max_len: int, *, dtype=None, layout: str = "heads_major"
-               ) -> KVCache:
+def init_cache(cfg, batch: int, max_len: int, *, dtype=None, layout: str = "heads_major",
+               select=None) -> KVCache:
   """An empty cache for `cfg` (a model.ModelConfig): zeros, lengths 0.
 
+  select: a dynamic block selector attention calls on every read (see KVCache).
   With `cfg.kv_quant` the buffers hold codes and `dtype` (default float32) is the scales'
   and key means' dtype; otherwise `dtype` (default the compute dtype) is k's and v's.
   """
@@ -168,6 +173,11 @@ def init_cache(cfg, batch: int, max_len: int, *, dtype=None, layout: str = "head
         f"cache max_len={max_len} exceeds the model's max_seq_len={cfg.max_seq_len}")
   if layout not in LAYOUTS:
     raise ValueError(f"cache layout={layout!r}; valid: {LAYOUTS}")
+  if select is not None and not callable(select):
+    raise ValueError(f"cache select={select!r} must be a block selector (callable) or None")
+  if select is not None and cfg.attn_qk is not None:
+    raise ValueError(f"a block selector reads float scores; attn_qk={cfg.attn_qk!r} has no "
+                     "block-sparse path (valid with select: attn_qk=None)")
   if cfg.attn_qk == "int8" and cfg.kv_quant != "int8":
     raise ValueError(f"attn_qk='int8' reads an int8 KV cache (int8 x int8 Q.K^T), got "
                      f"kv_quant={cfg.kv_quant!r}; valid: kv_quant='int8', or attn_qk=None")
@@ -185,13 +195,13 @@ def init_cache(cfg, batch: int, max_len: int, *, dtype=None, layout: str = "head
   if quant is None:
     dtype = dtype or cfg.jnp_dtype
     return KVCache(k=zeros(k_shape, dtype), v=zeros(v_shape, dtype), lengths=lengths,
-                   layout=layout)
+                   layout=layout, select=select)
   dtype = dtype or jnp.float32
   code = jnp.int8
   k_mean = zeros((batch, kh, dh), dtype) if cfg.attn_qk == "int8" else None
   return KVCache(k=zeros(k_shape, code), v=zeros(v_shape, code), lengths=lengths,
                  layout=layout, k_scale=zeros(scale_shape, dtype),
-                 v_scale=zeros(scale_shape, dtype), k_mean=k_mean, quant=quant)
+                 v_scale=zeros(scale_shape, dtype), k_mean=k_mean, quant=quant, select=select)
 
 
 def quantize(x: Float[Array, "... Dh"], fmt: str) -> tuple[Array, Float[Array, "..."]]:
