@@ -139,10 +139,14 @@ def prefill(params, step_fn: Callable, prompt_BP: Array, lens_B: Array, cache,
   the LM head of the prefill).
   """
   cache = cache.with_lengths(jnp.zeros_like(cache.lengths))
+  limit = hasattr(cache, "with_limit")  # an EvictingCache: never keep or score the padding
+  if limit:
+    cache = cache.with_limit(lens_B - 1)
   if prefill_len:
     _, cache = step_fn(params, prompt_BP[:, :prefill_len], cache)
   last_B = jnp.take_along_axis(prompt_BP, (lens_B - 1)[:, None], axis=1)[:, 0]
-  return cache.with_lengths(lens_B - 1), last_B
+  cache = cache.with_lengths(lens_B - 1)
+  return (cache.with_limit(None) if limit else cache), last_B
 
 
 def stop_match(tokens_BL: Array, n: Array, stop_NS: Array) -> Array:

@@ -12,6 +12,7 @@ from model.calibration import Calibration, KernelStats, calibrate, calibrate_seq
 from model.config import PRESETS, ModelConfig, RopeScaling, get_preset
 from model.decoder import Decoder
 from model.kv_cache import KVCache, PrefixCache, init_cache
+from model.kv_evict import EvictingCache
 from model.nm_array import NMArray, compress_nm, is_nmarray
 from model.nm_array import decompress as decompress_nm
 from model.qarray import QArray
@@ -30,8 +31,8 @@ count_params = tree_size  # logical parameters: an int4 tree counts as its float
 
 __all__ = [
     "Calibration", "KernelStats", "calibrate", "calibrate_sequential",
-    "AttentionMask", "BlockLayout", "ByteTokenizer", "Decoder", "KVCache", "ModelConfig",
-    "NMArray", "PRESETS",
+    "AttentionMask", "BlockLayout", "ByteTokenizer", "Decoder", "EvictingCache", "KVCache",
+    "ModelConfig", "NMArray", "PRESETS",
     "PrefixCache", "QArray", "RopeScaling", "Tokenizer", "Transformer", "apply", "attention",
     "cache_attention", "cache_layout", "compress_nm", "count_params", "decompress_nm", "flatten",
     "get_preset", "get_tokenizer", "hidden_states", "init", "init_cache", "is_nmarray",

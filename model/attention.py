@@ -20,9 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
-from model import kv_cache
+from model import kv_cache, kv_evict
 from model.config import ATTN_QK
 from model.kv_cache import KVCache, PrefixCache, write_layer
+from model.kv_evict import EvictingCache
 
 IMPLS = ("reference", "xla")
 _NEG = -1e30  # finite "minus infinity": fully masked rows stay NaN-free
@@ -684,6 +685,12 @@ def context(b: int, t: int, *, positions=None, segment_ids=None, cache=None) -> 
     raise ValueError("segment_ids (packed rows) cannot be combined with a KV cache")
   if cache.batch != b:
     raise ValueError(f"cache has batch {cache.batch}, the tokens have batch {b}")
+  if isinstance(cache, EvictingCache):  # per-head slots: attention masks by slot positions
+    positions = cache.positions(t) if positions is None else positions
+    return Context(positions, AttentionMask(q_positions=positions, kv_positions=positions), cache)
+  if isinstance(cache, PrefixCache) and isinstance(cache.suffix, EvictingCache):
+    raise ValueError("KV eviction is not supported under a shared prefix (PrefixCache suffix); "
+                     "decode from the Decoder's own EvictingCache")
   if isinstance(cache, KVCache):
     positions = cache.positions(t) if positions is None else positions
     s = cache.max_len
@@ -717,6 +724,10 @@ def attend(ctx: Context, layer: int, q_BTHD: Float[Array, "B T H Dh"],
   cache = ctx.cache
   if cache is None:
     return attention(q_BTHD, k_BTKD, v_BTKD, mask=ctx.mask, impl=impl, qk=qk), ctx
+  if isinstance(cache, EvictingCache):
+    out, cache = kv_evict.attend(cache, layer, ctx.positions, q_BTHD, k_BTKD, v_BTKD, impl=impl,
+                                 qk=qk)
+    return out, dataclasses.replace(ctx, cache=cache)
   if isinstance(cache, PrefixCache):
     suffix = cache.suffix.with_layer(layer, *write_layer(cache.suffix, layer, k_BTKD, v_BTKD))
     out_s, lse_s = cache_attention(q_BTHD, suffix, layer, mask=ctx.mask, impl=impl,

@@ -12,7 +12,7 @@ import dataclasses
 
 from jaxtyping import Array, Int
 
-from model import transformer
+from model import kv_evict, transformer
 from model.attention import cache_layout
 from model.config import ModelConfig
 from model.kv_cache import KVCache, init_cache
@@ -25,17 +25,31 @@ class Decoder:
   attn_select: a dynamic block selector (`sparsity.attention`: top-k, HiP, SALE) that
     the caches it makes carry; attention then reads only the blocks it picks, in prefill
     and in every decode step.
+  evict: a KV eviction policy (`sparsity.eviction`: H2O, SnapKV, StreamingLLM): the
+    caches it makes are `model.kv_evict.EvictingCache`s of min(policy.budget, max_len)
+    slots per (row, kv head) that keep up to max_len tokens.
   """
 
   cfg: ModelConfig
   attn_select: object = dataclasses.field(default=None, kw_only=True)
+  evict: object = dataclasses.field(default=None, kw_only=True)
+
+  def __post_init__(self):
+    if self.evict is not None:
+      kv_evict.check_policy(self.evict)
+      if self.attn_select is not None:
+        raise ValueError("Decoder: evict and attn_select cannot be combined (an EvictingCache "
+                         "has no block-sparse read); pass one of them")
 
   def __call__(self, params, tokens_BT: Int[Array, "B T"], cache):
     return transformer.apply(self.cfg, params, tokens_BT, cache=cache)
 
   def init_cache(self, batch: int, max_len: int, *, dtype=None,
-                 layout: str | None = None) -> KVCache:
+                 layout: str | None = None) -> KVCache | kv_evict.EvictingCache:
     """An empty cache (zeros, lengths 0) in the layout attention reads fastest here."""
+    if self.evict is not None:
+      return kv_evict.init(self.cfg, batch, max_len, self.evict, dtype=dtype,
+                           layout=layout or cache_layout())
     return init_cache(self.cfg, batch, max_len, dtype=dtype,
                       layout=layout or cache_layout(), select=self.attn_select)
 
