@@ -1,6 +1,25 @@
 """Weight sparsity: masks, one-shot criteria (Wanda, SparseGPT, ...), structures, distributions,
 training-time schedules (gradual, SET, RigL, GraNet, movement, PDP), masked optimizer, export."""
 
+from sparsity.attention import (
+    SALE,
+    SELECTORS,
+    HiP,
+    TopK,
+    attention_recall,
+    causal_layout,
+    delta_attention,
+    global_layout,
+    hip_layout,
+    intersection,
+    parse_selector,
+    sale_layout,
+    segment_layout,
+    topk_layout,
+    topk_recall,
+    union,
+    window_layout,
+)
 from sparsity.calibrated import owl_sparsities, prune_calibrated
 from sparsity.distributions import erk_densities
 from sparsity.dst import granet, rigl, set_training
@@ -47,4 +66,7 @@ __all__ = [
     "random_masks", "register", "resolve", "shrink", "shrink_recipe", "sparsegpt_layer",
     "sparsegpt_prune", "sparsity_report", "state_masks", "structured_kwargs",
     "structured_masks", "wanda_layer", "wanda_mask",
+    "SALE", "SELECTORS", "HiP", "TopK", "attention_recall", "causal_layout", "delta_attention",
+    "global_layout", "hip_layout", "intersection", "parse_selector", "sale_layout",
+    "segment_layout", "topk_layout", "topk_recall", "union", "window_layout",
 ]
