@@ -1,5 +1,7 @@
 """Weight sparsity: masks, one-shot criteria (Wanda, SparseGPT, ...), structures, distributions,
-training-time schedules (gradual, SET, RigL, GraNet, movement, PDP), masked optimizer, export."""
+training-time schedules (gradual, SET, RigL, GraNet, movement, PDP), masked optimizer, export;
+attention sparsity: block layouts and selectors (`sparsity.attention`), KV-cache eviction
+(`sparsity.eviction`) and LazyLLM token pruning (`sparsity.lazyllm`)."""
 
 from sparsity.attention import (
     SALE,
@@ -23,7 +25,9 @@ from sparsity.attention import (
 from sparsity.calibrated import owl_sparsities, prune_calibrated
 from sparsity.distributions import erk_densities
 from sparsity.dst import granet, rigl, set_training
+from sparsity.eviction import H2O, POLICIES, SnapKV, StreamingLLM, parse_policy
 from sparsity.export import compress
+from sparsity.lazyllm import LazyLLM, lazy_generate, lazy_prefill, revive
 from sparsity.masks import (
     SCOPES,
     apply_masks,
@@ -69,4 +73,6 @@ __all__ = [
     "SALE", "SELECTORS", "HiP", "TopK", "attention_recall", "causal_layout", "delta_attention",
     "global_layout", "hip_layout", "intersection", "parse_selector", "sale_layout",
     "segment_layout", "topk_layout", "topk_recall", "union", "window_layout",
+    "H2O", "POLICIES", "SnapKV", "StreamingLLM", "parse_policy",
+    "LazyLLM", "lazy_generate", "lazy_prefill", "revive",
 ]
