@@ -17,6 +17,7 @@ import numpy as np
 
 import decoding
 import model
+import sparsity
 from model.config import ATTN_QK, KV_QUANTS
 from model.tokenizer import Tokenizer
 from scripts import decode_lib, speculative_lib
@@ -122,15 +123,31 @@ def kv_settings(values: dict) -> dict:
   if attn_qk == "int8" and kv_quant != "int8":
     raise ValueError(f"--attn_qk=int8 reads an int8 KV cache; got --kv_quant={kv_quant!r}, "
                      "valid: --kv_quant=int8")
-  return dict(kv_quant=kv_quant, attn_qk=attn_qk)
+  out = dict(kv_quant=kv_quant, attn_qk=attn_qk)
+  # Pruned attention: a block selector (--attn_select) or a KV eviction policy (--evict).
+  select = sparsity.parse_selector(values["attn_select"]) if values.get("attn_select") else None
+  evict = sparsity.parse_policy(values["evict"]) if values.get("evict") else None
+  if select is not None and evict is not None:
+    raise ValueError(f"--attn_select={values['attn_select']!r} and --evict={values['evict']!r} "
+                     "cannot be combined (an evicting cache has no block-sparse read); pass one")
+  if select is not None and attn_qk is not None:
+    raise ValueError(f"--attn_select reads float block scores; --attn_qk={attn_qk!r} has no "
+                     "block-sparse path (unset it)")
+  if select is not None:
+    out["attn_select"] = select
+  if evict is not None:
+    out["evict"] = evict
+  return out
 
 
 def with_kv_settings(run: Run, settings: dict) -> Run:
-  """`run` decoding with the given KV-cache format / Q.K^T numerics (same params)."""
+  """`run` decoding with the given KV-cache format / Q.K^T numerics, block selector or
+  eviction policy (same params)."""
   if not any(settings.values()):
     return run
-  cfg = run.cfg.replace(**settings)
-  return dataclasses.replace(run, cfg=cfg, step_fn=model.Decoder(cfg))
+  pruned = {k: settings[k] for k in ("attn_select", "evict") if settings.get(k) is not None}
+  cfg = run.cfg.replace(**{k: settings.get(k) for k in ("kv_quant", "attn_qk")})
+  return dataclasses.replace(run, cfg=cfg, step_fn=model.Decoder(cfg, **pruned))
 
 
 def generate_text(run: Run, texts: list[str], method: str, opts: Options) -> list[dict]:

@@ -104,3 +104,20 @@ def test_kv_quant_flags(run):
   (ref,) = generate_lib.generate_text(run, ["def f("], "sample", opts)
   (res,) = generate_lib.generate_text(qrun, ["def f("], "sample", opts)
   assert len(res["tokens"]) == 8 and res["finish_reason"] == ref["finish_reason"]
+
+
+def test_pruned_attention_flags(run):
+  """--attn_select / --evict build the Decoder; a budget that holds everything decodes the
+  plain greedy tokens, as does a top-k selector that keeps every block."""
+  with pytest.raises(ValueError, match="cannot be combined"):
+    generate_lib.kv_settings(dict(attn_select="topk:k=2", evict="h2o:budget=64"))
+  with pytest.raises(ValueError, match="unknown"):
+    generate_lib.kv_settings(dict(evict="lru:budget=64"))
+  opts = decode_lib.Options(max_new_tokens=8)
+  (ref,) = generate_lib.generate_text(run, ["def f("], "sample", opts)
+  for flag in (dict(evict="h2o:budget=64:sinks=2:window=8"),
+               dict(attn_select="topk:k=64:block=8")):
+    prun = generate_lib.with_kv_settings(run, generate_lib.kv_settings(flag))
+    assert prun.step_fn != run.step_fn and prun.params is run.params
+    (res,) = generate_lib.generate_text(prun, ["def f("], "sample", opts)
+    assert res["tokens"] == ref["tokens"], flag
