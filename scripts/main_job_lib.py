@@ -17,7 +17,16 @@ import quant
 import sparsity
 from decoding import speculative
 from model.calibration import Calibration
-from scripts import checkpoint_lib, data_lib, eval_lib, prune_lib, qat_lib, quantize_lib, train_lib
+from scripts import (
+    attention_eval_lib,
+    checkpoint_lib,
+    data_lib,
+    eval_lib,
+    prune_lib,
+    qat_lib,
+    quantize_lib,
+    train_lib,
+)
 
 
 def _eval(cfg, params, config) -> dict:
@@ -117,6 +126,34 @@ def _speculative(cfg, params, config, workdir: str) -> dict:
           "equals_greedy": bool(same)}
 
 
+def _sparse_attention(cfg, params, config) -> dict:
+  """The float model with a block selector vs dense attention: bits/byte of long test
+  windows (one cached forward each, both sides) and greedy decode tok/s after a long
+  prompt (best of 3 after a compile)."""
+  a = config.attention
+  select = sparsity.parse_selector(a.select)
+  stream = data_lib.load_split(config.data, config.eval.split)
+  windows = attention_eval_lib.document_windows(stream, a.windows, a.seq_len)
+  decoders = {"dense": model.Decoder(cfg), "sparse": model.Decoder(cfg, attn_select=select)}
+  out = {"select": a.select, "windows": a.windows, "seq_len": a.seq_len,
+         "prompt_len": a.prompt_len, "new_tokens": a.new_tokens}
+  prompt = windows[:1, :a.prompt_len]
+  for name, dec in decoders.items():
+    out[f"{name}_bpb"] = attention_eval_lib.cached_bpb(dec, params, windows)
+    run = lambda dec=dec: decoding.generate(params, prompt, dec, max_new_tokens=a.new_tokens)
+    run()  # compile
+    best = min((run() for _ in range(3)), key=lambda o: o.cost.wall_time_s)
+    out[f"{name}_tokens_per_s"] = int(best.lengths[0]) / best.cost.wall_time_s
+    out[f"{name}_tokens"] = np.asarray(best.tokens[0]).tolist()
+  # KV blocks one decode step reads: the selector's budget over the context's blocks.
+  blocks = -(-(a.prompt_len + a.new_tokens // 2) // select.block)
+  budget = getattr(select, "k", getattr(select, "max_blocks", blocks)) + select.sinks + select.local
+  out["kv_read_fraction"] = min(1.0, budget / blocks)
+  same = np.asarray(out["dense_tokens"]) == np.asarray(out["sparse_tokens"])
+  out["same_prefix_tokens"] = int(np.argmin(same)) if not same.all() else len(same)
+  return out
+
+
 def _derived(config, **sections):
   """A copy of `config` with fields of some sections replaced (a stage's own training run)."""
   out = copy.deepcopy(config)
@@ -211,6 +248,13 @@ def run(config, workdir: str) -> dict:
     raise ValueError(f"config.prune.finetune names {unknown}, not in config.prune.recipes")
   for recipe in (config.quant.recipe, *config.quant.methods):
     quant.parse_recipe(recipe)
+  if config.attention.select:
+    sparsity.parse_selector(config.attention.select)
+    a = config.attention
+    if not 1 <= a.prompt_len < a.seq_len or a.windows < 1 or a.new_tokens < 1:
+      raise ValueError(f"config.attention: need windows >= 1, 1 <= prompt_len < seq_len, "
+                       f"new_tokens >= 1; got windows={a.windows}, prompt_len={a.prompt_len}, "
+                       f"seq_len={a.seq_len}, new_tokens={a.new_tokens}")
   t0 = time.perf_counter()
   rows, report = {}, {"workdir": os.path.abspath(workdir)}
 
@@ -248,8 +292,11 @@ def run(config, workdir: str) -> dict:
                   "continuation": dec["text"]}
   report["variants"] = rows
 
-  print(f"== 5/{n_stages} sample", flush=True)
+  print(f"== 5/{n_stages} sample" + (f" and sparse attention ({config.attention.select})"
+                                      if config.attention.select else ""), flush=True)
   report["sample"] = _sample(cfg, float_params, config)
+  if config.attention.select:
+    report["attention"] = _sparse_attention(cfg, float_params, config)
   if config.speculative.draft_steps:
     print(f"== 6/6 speculative decoding (draft: {config.speculative.draft_steps} steps)",
           flush=True)
@@ -286,6 +333,17 @@ def format_report(report: dict, config) -> str:
       f"sampling (T={config.decode.temperature}, top_p={config.decode.top_p}, "
       f"{config.decode.num_samples} rows): {s['tokens_per_s']:.0f} tok/s",
   ]
+  if "attention" in report:
+    at = report["attention"]
+    lines += [
+        f"sparse attention ({at['select']}: ~{at['kv_read_fraction']:.0%} of the KV blocks "
+        f"per decode step): {config.eval.split} bits/byte {at['sparse_bpb']:.3f} vs dense "
+        f"{at['dense_bpb']:.3f} on {at['windows']} windows of {at['seq_len']} (cached forward); "
+        f"greedy decode after a {at['prompt_len']}-token prompt {at['sparse_tokens_per_s']:.0f} "
+        f"vs {at['dense_tokens_per_s']:.0f} tok/s (at this length attention is a small part of "
+        f"a step; long-context speed: docs/bench_attention.md); the first "
+        f"{at['same_prefix_tokens']} generated tokens equal dense's",
+    ]
   if "speculative" in report:
     sp = report["speculative"]
     lines += [

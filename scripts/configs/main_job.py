@@ -6,7 +6,8 @@ idle CPU cores), prune it one-shot (magnitude, Wanda, SparseGPT at 50% and 2:4, 
 64 train windows) with short masked fine-tunes, shrink 50% of the FFN neurons,
 quantize it (int8; int4 g32 by RTN, GPTQ and AWQ; W8A8 with SmoothQuant; a 150-step
 int4 QAT fine-tune), evaluate every variant (bits per byte on the test split),
-decode a code prompt greedily with the KV cache, sample, train a small draft
+decode a code prompt greedily with the KV cache, sample, compare Quest top-k
+block-sparse attention with dense (bits/byte, decode speed), train a small draft
 model and decode speculatively (its speedup over greedy), and print one table
 plus where the checkpoints, metrics and JSON report are. `main_job.py:0.1`
 scales every step count by 0.1 (a quick smoke run). The training sections
@@ -56,6 +57,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.decode = ml_collections.ConfigDict(dict(
       prompt="def fibonacci(n):\n    ", max_new_tokens=128, temperature=0.8, top_p=0.95,
       num_samples=4, seed=0))
+  c.attention = ml_collections.ConfigDict(dict(
+      # Block-sparse attention on the float model (sparsity.parse_selector; "" disables):
+      # Quest top-k of 16-token blocks, plus the first and the local block; windows of the
+      # training length (the model has not seen positions past data.seq_len).
+      select="topk:k=4:block=16", windows=16, seq_len=256,  # test windows (bits/byte)
+      prompt_len=192, new_tokens=64))  # greedy decode speed after a long prompt
   c.speculative = ml_collections.ConfigDict(dict(
       # Draft: a 1-layer d=64 model (~0.1M params) on the same corpus and byte tokenizer.
       draft_model=dict(d_model=64, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=192),

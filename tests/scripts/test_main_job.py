@@ -19,6 +19,9 @@ def _config():
   c.prune.update(recipes=["magnitude:0.5", "wanda:2:4", "sparsegpt:0.5"], finetune=["wanda:2:4"],
                  calib_seqs=4)
   c.quant.update(methods=["int4:g32:gptq", "w8a8:smoothquant"], qat_steps=2)
+  # k = every block of the 32-token windows: the sparse rows must equal dense.
+  c.attention.update(select="topk:k=4:block=8", windows=2, seq_len=32, prompt_len=24,
+                     new_tokens=4)
   c.speculative.update(draft_steps=2, num_prompts=1, gamma=2)
   c.speculative.draft_model.update(d_model=32, n_heads=2, n_kv_heads=1, ffn_dim=64)
   c.lock()
@@ -37,11 +40,15 @@ def test_main_job_reports_every_stage(tmp_path):
   sp = report["speculative"]
   assert sp["equals_greedy"] and 0.0 <= sp["alpha"] <= 1.0 and sp["tokens"] > 0
   assert sp["tokens_per_target_call"] >= 1.0 and sp["speedup"] > 0
+  at = report["attention"]
+  assert abs(at["sparse_bpb"] - at["dense_bpb"]) < 1e-4 and at["kv_read_fraction"] == 1.0
+  assert at["sparse_tokens"] == at["dense_tokens"] and at["same_prefix_tokens"] == 4
   with open(tmp_path / "report.json") as f:
     assert json.load(f)["speculative"]["gamma"] == 2
   assert os.path.isdir(tmp_path / "draft" / "checkpoints")
   text = main_job_lib.format_report(report, config)
   assert "speculative decoding" in text and "output == greedy: True" in text
+  assert "sparse attention (topk:k=4:block=8" in text
   # A second run on the same workdir resumes: no training left, derived checkpoints replaced.
   again = main_job_lib.run(config, str(tmp_path))
   assert again["train"]["step"] == report["train"]["step"]
