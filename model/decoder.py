@@ -37,6 +37,10 @@ class Decoder:
   def __post_init__(self):
     if self.evict is not None:
       kv_evict.check_policy(self.evict)
+      if self.evict.budget > self.cfg.max_seq_len:
+        raise ValueError(f"Decoder: eviction budget={self.evict.budget} exceeds the model's "
+                         f"max_seq_len={self.cfg.max_seq_len}, the most tokens a cache can "
+                         f"hold (valid: budget <= {self.cfg.max_seq_len})")
       if self.attn_select is not None:
         raise ValueError("Decoder: evict and attn_select cannot be combined (an EvictingCache "
                          "has no block-sparse read); pass one of them")

@@ -101,6 +101,9 @@ class EvictingCache:
     capacity = s if capacity is None else capacity
     if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < s:
       raise ValueError(f"EvictingCache capacity={capacity!r} must be an int >= its {s} slots")
+    if s > policy.budget:
+      raise ValueError(f"EvictingCache over a KVCache of {s} slots exceeds the policy's "
+                       f"budget={policy.budget} (valid: at most budget slots per row)")
     b, kh, n = cache.batch, cache.kv_heads, cache.n_layers
     return cls(cache=cache.with_lengths(jnp.zeros((b,), jnp.int32)),
                pos=tuple(jnp.full((b, kh, s), -1, jnp.int32) for _ in range(n)),

@@ -374,3 +374,7 @@ def test_policy_validation_and_parsing():
     model.Decoder(CFG, attn_select=lambda *a: None, evict=BIG)
   with pytest.raises(ValueError, match="max_seq_len"):
     model.Decoder(CFG, evict=BIG).init_cache(1, CFG.max_seq_len + 1)
+  with pytest.raises(ValueError, match=r"budget=\d+ exceeds the model's max_seq_len"):
+    model.Decoder(CFG, evict=H2O(CFG.max_seq_len + 1))
+  with pytest.raises(ValueError, match="exceeds the policy's budget=32"):
+    _one_layer(BIG, 1, 1, 2, 33)
