@@ -1,15 +1,10 @@
 r"""Generates text: python -m scripts.generate --model=DIR --prompt="def main(" [flags].
 
 DIR: a sparq checkpoint workdir or a Hugging Face dir; --preset=NAME: random weights.
---method=sample (temperature 0 = greedy), beam, or speculative (--draft=DIR with the
-same tokenizer, or --draft=exit:K: the first K layers + the early-exit head of
-scripts/train_early_exit.py). --kv_quant=int8|int4|fp8 quantizes the model's KV cache
-(--attn_qk=int8 adds smoothed int8 Q.K^T; a --draft=DIR keeps its own float cache).
---attn_select=topk:k=8:block=64 reads only the blocks a selector picks (Quest top-k, HiP,
-SALE); --evict=h2o:budget=256 decodes with a fixed per-head KV budget (H2O, SnapKV,
-StreamingLLM). One
-prompt streams; repeat --prompt for a batch;
---output writes every result (text, tokens, finish reason, cost, stats) as JSON.
+--method=sample (temperature 0 = greedy), beam or speculative (--draft=DIR, or exit:K with
+scripts/train_early_exit.py's head). One prompt streams; repeat --prompt for a batch.
+--kv_quant / --attn_qk / --attn_select / --evict: KV-cache codes, int8 Q.K^T, block-sparse
+attention, a fixed per-head KV budget (H2O / SnapKV / StreamingLLM).
 """
 
 from absl import flags
@@ -39,18 +34,14 @@ flags.DEFINE_integer("gamma_max", None, "Speculative: adaptive cap (default gamm
 flags.DEFINE_string("schedule", "fixed", "Speculative gamma: fixed | heuristic.")
 flags.DEFINE_string("kv_quant", None, "KV-cache codes: int8 | int4 | fp8 (default: float).")
 flags.DEFINE_string("attn_qk", None, "int8: smoothed int8 Q.K^T (needs --kv_quant=int8).")
-flags.DEFINE_string("attn_select", None,
-                    "Block-sparse attention selector, e.g. topk:k=8:block=64, hip:k=4:block=32, "
-                    "sale:tau=0.01:max_blocks=16 (sparsity.parse_selector).")
-flags.DEFINE_string("evict", None, "KV eviction at a fixed budget, e.g. h2o:budget=256, "
-                    "snapkv:budget=256, streamingllm:budget=256 (sparsity.parse_policy).")
+flags.DEFINE_string("attn_select", None, "Block selector: topk:k=8:block=64 (parse_selector).")
+flags.DEFINE_string("evict", None, "Per-head KV budget: h2o:budget=256 (sparsity.parse_policy).")
 flags.DEFINE_bool("stream", True, "Stream tokens to stdout (single prompt, sample).")
 flags.DEFINE_string("output", None, "Write the results as JSON here.")
-F = flags.FLAGS
 
 
 def main():
-  print(generate_lib.generate_from_flags(F.flag_values_dict()))
+  print(generate_lib.generate_from_flags(flags.FLAGS.flag_values_dict()))
 
 
 if __name__ == "__main__":
