@@ -556,8 +556,9 @@ def _block_sparse(q_BTHD, k, v, mask, kv_layout, scale, return_lse, quant=None):
     qargs = (ks, vs, km)
 
   per_block = b * h * tp * bk * 4
-  chunk = int(max(1, min(m_blocks, BLOCK_CHUNK_BYTES // max(per_block, 1))))
-  n_chunks = -(-m_blocks // chunk)
+  most = int(max(1, min(m_blocks, BLOCK_CHUNK_BYTES // max(per_block, 1))))
+  n_chunks = -(-m_blocks // most)
+  chunk = -(-m_blocks // n_chunks)  # equal chunks: the fewest padded (wasted) blocks
   pad_m = n_chunks * chunk - m_blocks
   if pad_m:
     idx = jnp.pad(idx, [(0, 0)] * 4 + [(0, pad_m)])
