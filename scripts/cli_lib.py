@@ -15,6 +15,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
+import numpy as np
 from absl import app, flags, logging
 
 EXIT_BAD_INPUT = 2
@@ -36,3 +37,10 @@ def run(main: Callable[[], object], *, errors: tuple[type[BaseException], ...] =
       sys.exit(EXIT_BAD_INPUT)
 
   app.run(_main)
+
+
+def check_int(value, name: str, lo: int) -> int:
+  """`value` as an int >= lo, or a ValueError naming `name` (bools are not ints here)."""
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
+    raise ValueError(f"{name}={value!r} must be an int >= {lo}")
+  return int(value)

@@ -31,7 +31,7 @@ import model
 import quant
 from model import transformer
 from model.calibration import Calibration
-from scripts import checkpoint_lib, data_lib, sweep_lib, tasks_lib, train_lib
+from scripts import checkpoint_lib, cli_lib, data_lib, sweep_lib, tasks_lib, train_lib
 from scripts.sweep_lib import plt
 
 FLOAT = "float"
@@ -67,10 +67,7 @@ def default_config(smoke: bool = False) -> ml_collections.ConfigDict:
   return c
 
 
-def _int(value, name: str, lo: int) -> int:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
-    raise ValueError(f"{name}={value!r} must be an int >= {lo}")
-  return int(value)
+_int = cli_lib.check_int
 
 
 def max_new_tokens(config) -> int:

@@ -46,7 +46,7 @@ import decoding
 import model
 from decoding.tasks import retrieval
 from model import transformer
-from scripts import checkpoint_lib, data_lib, train_lib
+from scripts import checkpoint_lib, cli_lib, data_lib, train_lib
 
 DEPTH_BINS = 5
 # The settings a resumed run must match (the corpus and the trained model depend on them).
@@ -135,10 +135,7 @@ def validate(config) -> model.ModelConfig:
   return cfg
 
 
-def _int(value, name: str, lo: int) -> int:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
-    raise ValueError(f"{name}={value!r} must be an int >= {lo}")
-  return int(value)
+_int = cli_lib.check_int
 
 
 def max_new_tokens(config) -> int:
