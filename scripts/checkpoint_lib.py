@@ -6,6 +6,7 @@ position to the params and meta items (layout in `model.checkpoint`).
 
 from __future__ import annotations
 
+import json
 import os
 
 import orbax.checkpoint as ocp
@@ -69,3 +70,17 @@ def check_writable_dir(path: str, flag: str, *, differ_from: str | None = None) 
   if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
     raise ValueError(f"{flag}={path!r} is not writable ({probe!r} denies writes)")
   return out
+
+
+def check_resume(workdir: str, settings: dict, fields, free: str) -> None:
+  """ValueError if `workdir/config.json` (a run's saved settings) differs from `settings` in
+  any of `fields` (the ones its outputs depend on); `free` names what may change."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    old = json.load(f)
+  diff = [k for k in fields if old.get(k) != settings[k]]
+  if diff:
+    raise ValueError(f"--workdir={workdir!r} holds a run with different {diff}; use a new "
+                     f"--workdir (only {free} may change between reruns)")

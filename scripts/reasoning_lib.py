@@ -207,15 +207,7 @@ def _settings(config) -> dict:
 
 
 def _check_resume(workdir: str, settings: dict) -> None:
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    old = json.load(f)
-  diff = [k for k in RESUME_FIELDS if old.get(k) != settings[k]]
-  if diff:
-    raise ValueError(f"--workdir={workdir!r} holds a run with different {diff}; use a new "
-                     "--workdir (only config.recipes may change between reruns)")
+  checkpoint_lib.check_resume(workdir, settings, RESUME_FIELDS, "config.recipes")
 
 
 def _corpus(config, folder: str) -> None:
