@@ -51,6 +51,15 @@ def _dense_layers(obj):
   object.__setattr__(obj, "dense_layers", layers)
 
 
+def _check_shared(sel):
+  """The fields every selector has: block >= 1, sinks and local >= 0, dense_layers."""
+  name = type(sel).__name__
+  _need_int(name, "block", sel.block, 1)
+  _need_int(name, "sinks", sel.sinks, 0)
+  _need_int(name, "local", sel.local, 0)
+  _dense_layers(sel)
+
+
 def _blocks(s, block):
   return -(-s // block)
 
@@ -68,12 +77,9 @@ class TopK:
 
   def __post_init__(self):
     _need_int("TopK", "k", self.k, 1)
-    _need_int("TopK", "block", self.block, 1)
-    _need_int("TopK", "sinks", self.sinks, 0)
-    _need_int("TopK", "local", self.local, 0)
+    _check_shared(self)
     if self.pool not in POOLS:
       raise ValueError(f"TopK.pool={self.pool!r}; valid: {', '.join(map(repr, POOLS))}")
-    _dense_layers(self)
 
   def __call__(self, q_BTHD, k_BKSD, mask, layer) -> BlockLayout | None:
     if layer in self.dense_layers:
@@ -96,10 +102,7 @@ class HiP:
 
   def __post_init__(self):
     _need_int("HiP", "k", self.k, 1)
-    _need_int("HiP", "block", self.block, 1)
-    _need_int("HiP", "sinks", self.sinks, 0)
-    _need_int("HiP", "local", self.local, 0)
-    _dense_layers(self)
+    _check_shared(self)
 
   def __call__(self, q_BTHD, k_BKSD, mask, layer) -> BlockLayout | None:
     if layer in self.dense_layers:
@@ -129,10 +132,7 @@ class SALE:
     if isinstance(self.tau, (list, tuple)):
       object.__setattr__(self, "tau", tau)
     _need_int("SALE", "max_blocks", self.max_blocks, 1)
-    _need_int("SALE", "block", self.block, 1)
-    _need_int("SALE", "sinks", self.sinks, 0)
-    _need_int("SALE", "local", self.local, 0)
-    _dense_layers(self)
+    _check_shared(self)
 
   def __call__(self, q_BTHD, k_BKSD, mask, layer) -> BlockLayout | None:
     if layer in self.dense_layers:
