@@ -36,6 +36,7 @@ import string
 
 import numpy as np
 
+from decoding.tasks import base
 from model.tokenizer import ByteTokenizer
 
 MIN_CONTEXT = 128
@@ -215,3 +216,65 @@ def prompt_tokens(problem: Problem, tokenizer=None) -> list[int]:
   """The token ids a model is given: BOS (if the tokenizer has one), then the prompt."""
   tok = tokenizer if tokenizer is not None else ByteTokenizer()
   return tok.encode(problem.prompt, add_bos=tok.bos_id is not None)
+
+
+class RetrievalTask(base.Task):
+  """A retrieval task ("passkey" or "kv_retrieval") behind the `base.Task` interface.
+
+    t = RetrievalTask("passkey")                  # or PASSKEY, KV_RETRIEVAL
+    p = t.problem(seed=0, index=3, difficulty=512)  # == problem("passkey", 0, 512, 3)'s fields
+    p.target == p.answer + "\\n"; t.is_correct(p, model_text)  # first line, stripped
+
+  Difficulty is (context_len,): the prompt's bytes. `problem(seed, index, difficulty)` is
+  the module's `problem(task, seed, context_len, index)` converted to a `base.Problem`
+  (task = this task's name, target = answer + END: one step, no ANSWER_SEP; data =
+  (seed, index, depth, n_pairs)). The answer is the whole first line, so `extract_answer`,
+  `is_correct` and `step_labels` read it (stripped) rather than an ANSWER_SEP.
+  """
+
+  knobs = ("context_len",)
+  ranges = ((MIN_CONTEXT, MAX_CONTEXT),)
+  default_difficulty = (512,)
+
+  def __init__(self, kind: str):
+    if kind not in ("passkey", "kv_retrieval"):
+      raise ValueError(f"kind={kind!r}; valid: ('passkey', 'kv_retrieval')")
+    self.name = kind
+    self.kind = "passkey" if kind == "passkey" else "kv"  # the name in TASKS
+
+  def problem(self, seed: int, index: int, difficulty=None) -> base.Problem:
+    """Problem `index` under `seed`: the module's `problem(kind, seed, context_len, index)`."""
+    (context_len,) = self.check_difficulty(difficulty)
+    p = problem(self.kind, seed, context_len, index)  # the module-level function
+    return base.Problem(task=self.name, prompt=p.prompt, target=p.target, answer=p.answer,
+                        difficulty=(context_len,), data=(p.seed, p.index, p.depth, p.n_pairs))
+
+  def make(self, rng: np.random.Generator, difficulty: tuple[int, ...]) -> base.Problem:
+    """A problem with a seed and an index drawn from `rng` (`problem` does not use this)."""
+    seed, index = (int(x) for x in rng.integers(0, 2**31, size=2))
+    return self.problem(seed, index, difficulty)
+
+  def extract_answer(self, text: str) -> str | None:
+    """The stripped first line of a finished output (None if unfinished or blank)."""
+    if not base.is_finished(text):
+      return None
+    return first_line(text).strip() or None
+
+  def is_correct(self, problem: base.Problem, text: str) -> bool:
+    """The module's rule: the output's first line, stripped, is exactly the answer."""
+    return first_line(text).strip() == problem.answer
+
+  def step_labels(self, problem: base.Problem, text: str) -> list[bool]:
+    """One label per `base.segments(text)`: a finished output's are all `is_correct`; an
+    unfinished one's complete segments (a STEP_SEP was written, and no answer holds one)
+    are all False."""
+    ok = base.is_finished(text) and self.is_correct(problem, text)
+    return [ok] * len(base.segments(text))
+
+  def max_target_len(self, difficulty=None) -> int:
+    self.check_difficulty(difficulty)
+    return answer_len(self.kind) + len(END)
+
+
+PASSKEY = RetrievalTask("passkey")
+KV_RETRIEVAL = RetrievalTask("kv_retrieval")
