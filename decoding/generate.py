@@ -66,7 +66,8 @@ def generate(params, prompt_tokens, step_fn, *, sampler: Sampler | None = None,
              max_new_tokens: int, cache=None, prompt_lengths=None, key: Array | None = None,
              eos_id: int | Sequence[int] | None = None,
              stop_sequences: Sequence[Sequence[int]] = (), pad_id: int = 0,
-             stop_on_full_cache: bool = False, stream_fn: Callable | None = None,
+             stop_on_full_cache: bool = False, stop_after: int | None = None,
+             stream_fn: Callable | None = None,
              mesh: jax.sharding.Mesh | None = None, data_axis: str = "data") -> GenerateOutput:
   """Samples up to `max_new_tokens` per prompt; see GenerateOutput.
 
@@ -90,6 +91,9 @@ def generate(params, prompt_tokens, step_fn, *, sampler: Sampler | None = None,
       uses `fold_in(row_key, position)`. Unused by greedy rows.
     eos_id / stop_sequences: a row stops after emitting one of these (token-id
       sequences are matched against the generated tokens).
+    stop_after: stop the whole batch once this many rows have stopped (for any
+      reason); the rows still running then end with finish_reason RUNNING (cut off).
+      None = run until every row stops. A traced value: it never recompiles.
     stop_on_full_cache: False: a cache too small for max_new_tokens is a
       ValueError before any compute. True: such rows stop with CACHE_FULL.
     stream_fn: host callback `(step, tokens_B, active_B)` called once per step
@@ -110,7 +114,10 @@ def generate(params, prompt_tokens, step_fn, *, sampler: Sampler | None = None,
       req.cache, None)
   batch_args = (jnp.asarray(req.prompt_BP), jnp.asarray(req.lengths_B), req.sampler, req.keys_B,
                 own)
-  other_args = (shared, req.eos_E, req.stop_NS, jnp.int32(req.max_new_tokens), jnp.int32(pad_id))
+  if stop_after is not None:
+    stop_after = request.check_count("stop_after", stop_after)
+  other_args = (shared, req.eos_E, req.stop_NS, jnp.int32(req.max_new_tokens), jnp.int32(pad_id),
+                jnp.int32(req.batch if stop_after is None else min(stop_after, req.batch)))
   if mesh is not None:
     params, batch_args, other_args = request.shard_batch(mesh, data_axis, params, batch_args,
                                                          other_args)
@@ -171,7 +178,7 @@ def seen_prompt(prompt_BP: Array, lens_B: Array, vocab_size: int) -> Array:
 
 
 def _run(params, prompt_BP, lens_B, sampler, keys_B, cache, shared, eos_E, stop_NS, max_new,
-         pad_id, *, step_fn, prefill_len, buf_len, stream_fn):
+         pad_id, stop_after, *, step_fn, prefill_len, buf_len, stream_fn):
   b = prompt_BP.shape[0]
   if shared is not None:
     cache = PrefixCache(prefix=shared, suffix=cache)
@@ -208,7 +215,7 @@ def _run(params, prompt_BP, lens_B, sampler, keys_B, cache, shared, eos_E, stop_
                     reason_B=reason_B, seen_BV=seen_BV, cache=cache)
 
   def cond(st: GenState):
-    return (st.step < buf_len) & ~jnp.all(st.done_B)
+    return (st.step < buf_len) & ~jnp.all(st.done_B) & (jnp.sum(st.done_B) < stop_after)
 
   # CACHE_FULL can only fire when the host check was waived by stop_on_full_cache=True.
   zeros_B = jnp.zeros((b,), jnp.int32)

@@ -9,6 +9,7 @@ import os
 import time
 
 import jax
+import ml_collections
 import numpy as np
 
 import decoding
@@ -18,14 +19,16 @@ import sparsity
 from decoding import speculative
 from model.calibration import Calibration
 from scripts import (
-    attention_eval_lib,
-    checkpoint_lib,
-    data_lib,
-    eval_lib,
-    prune_lib,
-    qat_lib,
-    quantize_lib,
-    train_lib,
+  attention_eval_lib,
+  checkpoint_lib,
+  data_lib,
+  eval_lib,
+  policy_lib,
+  prune_lib,
+  qat_lib,
+  quantize_lib,
+  search_lib,
+  train_lib,
 )
 
 
@@ -154,6 +157,34 @@ def _sparse_attention(cfg, params, config) -> dict:
   return out
 
 
+def _search(config, workdir: str) -> dict:
+  """A policy for the search task (policy_lib, in workdir/policy), then every method of
+  config.search at one budget on the same held-out problems (search_lib.evaluate)."""
+  sc = config.search
+  pc = policy_lib.default_config(sc.task)
+  pc.train_config.train.steps = sc.policy_steps
+  pc.train_config.ckpt.every = min(pc.train_config.ckpt.every, sc.policy_steps)
+  pc.eval.n = max(sc.problems, 16)
+  info = policy_lib.run(pc, os.path.join(workdir, "policy"))
+  params, cfg, _ = checkpoint_lib.load_params(info["checkpoint"])
+  task = policy_lib.get_task(sc.task)
+  policy = decoding.search.Policy(params, model.Decoder(cfg), task, temperature=1.0)
+  c = ml_collections.ConfigDict(dict(reward=sc.reward))
+  rm = search_lib.make_reward(c, workdir, policy, task)
+  problems = task.problems(2, sc.problems)  # the sweep's split (seed 2)
+  rows = {}
+  # The baseline: one sample per problem (a vote over one answer is that answer).
+  for label, method, n in (("one sample", "majority_vote", 1),
+                           *((m, m, sc.budget) for m in sc.methods)):
+    r = search_lib.evaluate(method, n, problems, policy, rm, task, 0)
+    rows[label] = {
+        k: r[k] for k in ("accuracy", "tokens", "forward_passes", "reward_calls", "flops",
+                          "wall_time_s")}
+  return {"task": sc.task, "budget": sc.budget, "problems": sc.problems, "reward": sc.reward,
+          "policy_pass_at_1": info["pass_at_1"], "policy_greedy": info["greedy_accuracy"],
+          "policy_params": info["params"], "methods": rows}
+
+
 def _derived(config, **sections):
   """A copy of `config` with fields of some sections replaced (a stage's own training run)."""
   out = copy.deepcopy(config)
@@ -258,7 +289,9 @@ def run(config, workdir: str) -> dict:
   t0 = time.perf_counter()
   rows, report = {}, {"workdir": os.path.abspath(workdir)}
 
-  n_stages = 6 if config.speculative.draft_steps else 5
+  for m in config.search.methods if config.search.policy_steps else ():
+    search_lib.check_method(m)
+  n_stages = 5 + bool(config.speculative.draft_steps) + bool(config.search.policy_steps)
   print(f"== 1/{n_stages} train (float)", flush=True)
   res = train_lib.train_and_evaluate(config, os.path.join(workdir, "float"))
   cfg, float_params = res.model_cfg, res.params
@@ -298,9 +331,14 @@ def run(config, workdir: str) -> dict:
   if config.attention.select:
     report["attention"] = _sparse_attention(cfg, float_params, config)
   if config.speculative.draft_steps:
-    print(f"== 6/6 speculative decoding (draft: {config.speculative.draft_steps} steps)",
-          flush=True)
+    print(f"== 6/{n_stages} speculative decoding (draft: {config.speculative.draft_steps} "
+          "steps)", flush=True)
     report["speculative"] = _speculative(cfg, float_params, config, workdir)
+  if config.search.policy_steps:
+    print(f"== {n_stages}/{n_stages} test-time search ({config.search.task} policy, "
+          f"{config.search.policy_steps} steps; {len(config.search.methods)} methods at "
+          f"budget {config.search.budget})", flush=True)
+    report["search"] = _search(config, workdir)
   report["unigram_entropy_bits"] = res.summary["unigram_entropy_bits"]
   report["wall_time_s"] = time.perf_counter() - t0
   with open(os.path.join(workdir, "report.json"), "w") as f:
@@ -355,13 +393,30 @@ def format_report(report: dict, config) -> str:
         f"(closed form {sp['expected_tokens_per_call']:.2f}); output == greedy: "
         f"{sp['equals_greedy']}",
     ]
+  if "search" in report:
+    se = report["search"]
+    lines += [
+        "",
+        f"test-time search on {se['task']} ({se['problems']} held-out problems, a "
+        f"{se['policy_params']:,}-param policy with pass@1 {se['policy_pass_at_1']:.2f}, "
+        f"greedy {se['policy_greedy']:.2f}; reward {se['reward']}), budget {se['budget']} "
+        "samples each (per problem):",
+        "",
+        "| method | accuracy | generated tokens | forward passes | reward calls | GFLOPs |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in se["methods"].items():
+      lines.append(f"| {name} | {r['accuracy']:.3f} | {r['tokens']:.0f} | "
+                   f"{r['forward_passes']:.0f} | {r['reward_calls']:.1f} | "
+                   f"{r['flops'] / 1e9:.2f} |")
   lines += [
       "",
       "greedy continuation (float):",
       config.decode.prompt + first["continuation"],
       "",
       f"report:      {os.path.join(report['workdir'], 'report.json')}",
-      f"checkpoints: {report['workdir']}/{{float,pruned*,shrunk,quantized,draft}}/checkpoints",
+      f"checkpoints: {report['workdir']}/{{float,pruned*,shrunk,quantized,draft,policy/train}}"
+      "/checkpoints",
       f"metrics:     {report['workdir']}/float/metrics.jsonl (TensorBoard: .../float/tb)",
       f"total wall time: {report['wall_time_s'] / 60:.1f} min",
   ]

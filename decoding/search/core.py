@@ -147,7 +147,8 @@ class Meter:
 
 
 def call_propose(propose: Propose, meter: Meter, samples: Sequence[Sample], key, *,
-                 until: str, max_new_tokens: int | None = None) -> list[Sample] | None:
+                 until: str, max_new_tokens: int | None = None, **options
+                 ) -> list[Sample] | None:
   """`propose` under the meter's caps; None (nothing spent) when the caps leave no room."""
   rows = sum(not s.finished for s in samples)
   if not rows:
@@ -156,7 +157,7 @@ def call_propose(propose: Propose, meter: Meter, samples: Sequence[Sample], key,
   m = meter.tokens_per_row(rows, max_new_tokens, overhead)
   if m == 0:
     return None
-  out, cost = propose(samples, key, until=until, max_new_tokens=m)
+  out, cost = propose(samples, key, until=until, max_new_tokens=m, **options)
   meter.add(cost)
   return out
 
@@ -257,8 +258,13 @@ class PolicyPropose:
     plus the prompt's prefill on the first shared-prefix call."""
     return 1 + (self.policy.share_prefix and self._prefix is None)
 
+  supports_stop_after = True  # first-finish decodes in one call (generate's stop_after)
+
   def __call__(self, samples: Sequence[Sample], key, *, until: str = "end",
-               max_new_tokens: int | None = None) -> tuple[list[Sample], Cost]:
+               max_new_tokens: int | None = None, stop_after: int | None = None
+               ) -> tuple[list[Sample], Cost]:
+    """One extension per row; `stop_after=m`: the call ends once m of its rows have stopped
+    (the others come back cut off, unfinished); rows are then not padded."""
     if until not in UNTIL:
       raise ValueError(f"until={until!r} must be one of {UNTIL}")
     pol = self.policy
@@ -282,11 +288,11 @@ class PolicyPropose:
     else:
       rows = [[*self.prompt, *t] for t in texts]
       cache = None
-    b = _bucket_rows(len(rows))
+    b = len(rows) if stop_after is not None else _bucket_rows(len(rows))
     rows = rows + [rows[0]] * (b - len(rows))
     keys = jnp.stack([fold(key, i) for i in live] + [fold(key, 0)] * (b - len(live)))
     res = generate(pol.params, rows, pol.decoder, sampler=pol.sampler(b), max_new_tokens=m,
-                   cache=cache, key=keys, eos_id=_END_ID,
+                   cache=cache, key=keys, eos_id=_END_ID, stop_after=stop_after,
                    stop_sequences=[[_SEP_ID]] if until == "step" else ())
     toks, lps = np.asarray(res.tokens), np.asarray(res.logprobs)
     lens, reasons = np.asarray(res.lengths), np.asarray(res.finish_reason)

@@ -27,6 +27,7 @@ Unfinished samples (token cap or length limit) have no answer and never win.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -163,10 +164,13 @@ def weibull_mixture(x: np.ndarray) -> tuple[float, float, float, float, float]:
     w, k1, l1, k2, l2 = p
     a = np.log(w) + _weibull_logpdf(x, k1, l1)
     b = np.log1p(-w) + _weibull_logpdf(x, k2, l2)
-    return -float(np.logaddexp(a, b).sum())
+    v = -float(np.logaddexp(a, b).sum())
+    return v if np.isfinite(v) else 1e300  # far outside the data: a wall, not a nan
 
-  res = optimize.minimize(nll, [0.5, 1.0, 1.0, 1.5, 2.0],
-                          bounds=[(0.2, 0.8)] + [(0.01, None)] * 4)
+  with np.errstate(all="ignore"), warnings.catch_warnings():
+    warnings.simplefilter("ignore", RuntimeWarning)  # finite differences at the wall
+    res = optimize.minimize(nll, [0.5, 1.0, 1.0, 1.5, 2.0],
+                            bounds=[(0.2, 0.8)] + [(0.01, None)] * 4)
   w, k1, l1, k2, l2 = (float(v) for v in res.x)
   mean = lambda k, lam: lam * special.gamma(1 + 1 / k)
   if mean(k1, l1) < mean(k2, l2):
@@ -227,10 +231,11 @@ def rpc(propose, score, budget, *, key=0, prune: bool = True,
 
 def first_finish(propose, score, budget, *, m: int = 1, chunk: int = 4, key=0,
                  answer_fn: Callable | None = None) -> SearchResult:
-  """short-m@k with k = budget.n: decode k samples `chunk` tokens at a time, stop once m
-  have finished; vote among the first m to finish (finish time = tokens, then row
-  order; vote ties go to the shortest). `score` is unused. Tokens still count for
-  the rows that were cut off."""
+  """short-m@k with k = budget.n: decode k samples in lockstep and stop once m have
+  finished; vote among the first m to finish (finish time = tokens, then row order;
+  vote ties go to the shortest). `score` is unused. Tokens still count for the rows
+  that were cut off. A proposer with `supports_stop_after` (the model's) does it in
+  one call; others are called `chunk` tokens at a time until m rows finished."""
   budget = core.as_budget(budget)
   if isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= budget.n:
     raise ValueError(f"m={m!r} must be an int in 1..budget.n={budget.n}")
@@ -240,7 +245,11 @@ def first_finish(propose, score, budget, *, m: int = 1, chunk: int = 4, key=0,
   answer_fn = core.answer_fn_for(propose, answer_fn)
   samples = core.root(budget.n)
   rounds = 0
-  while sum(s.finished for s in samples) < m:
+  if getattr(propose, "supports_stop_after", False):  # one lockstep call that stops at m
+    nxt = core.call_propose(propose, meter, samples, key, until="end", stop_after=m)
+    samples, rounds = (samples, 0) if nxt is None else (nxt, 1)
+  while not getattr(propose, "supports_stop_after", False) and sum(
+      s.finished for s in samples) < m:
     nxt = core.call_propose(propose, meter, samples, key, until="end", max_new_tokens=chunk)
     if nxt is None:
       break

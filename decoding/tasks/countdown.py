@@ -7,8 +7,10 @@
   solvable((21, 25, 16, 21), 26)          # whether any solution exists (exhaustive search)
 
 Difficulty is (numbers, max_value): `numbers` given ints (2..6) drawn uniformly in
-1..`max_value` (5..100). The default (4, 25) gives short lines (prompt and reference
-together are about 30-50 bytes: 3 steps), as in the usual 3-4 number Countdown setups.
+1..`max_value` (5..100). The default (3, 25) (2-step references, lines of about 25-40
+bytes) is where the small policy `scripts/train_policy.py` trains in minutes is
+partially competent (pass@1 0.305 at temperature 1, greedy 0.365, on 200 held-out
+problems); at (4, 25) the same policy solves 3% (the usual 3-4 number setups).
 
 Rules: each step "a<op>b=c" combines two items of the pool (a multiset: the given
 numbers plus the results of earlier steps, minus the items already consumed), so each
@@ -131,7 +133,7 @@ class Countdown(base.Task):
   name = "countdown"
   knobs = ("numbers", "max_value")
   ranges = ((2, 6), (5, 100))
-  default_difficulty = (4, 25)
+  default_difficulty = (3, 25)
 
   def make(self, rng: np.random.Generator, difficulty: tuple[int, ...]) -> base.Problem:
     n, max_value = difficulty

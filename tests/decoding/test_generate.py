@@ -129,6 +129,24 @@ def test_eos_and_stop_sequence_stops(params, greedy):
     assert int(out.finish_reason[i]) == (Finish.STOP_SEQUENCE if end else Finish.MAX_TOKENS)
 
 
+def test_stop_after_ends_the_batch_once_m_rows_stopped(params, greedy):
+  eos = greedy[0][3]
+  full = _generate(params, eos_id=eos)
+  ends = sorted(int(n) for n in full.lengths)
+  out = _generate(params, eos_id=eos, stop_after=1)
+  steps = ends[0]  # the loop ran until the first row stopped
+  for i, row in enumerate(greedy):
+    n = int(out.lengths[i])
+    assert n == min(int(full.lengths[i]), steps)
+    np.testing.assert_array_equal(out.tokens[i, :n], row[:n])
+    stopped = int(full.lengths[i]) <= steps
+    assert int(out.finish_reason[i]) == (int(full.finish_reason[i]) if stopped
+                                         else Finish.RUNNING)
+  assert out.cost.forward_passes < full.cost.forward_passes or steps == N_NEW
+  with pytest.raises(ValueError, match="stop_after=0"):
+    _generate(params, stop_after=0)
+
+
 def test_full_cache_is_an_error_or_a_flag(params):
   prompts = [(p * 16)[:16] for p in PROMPTS]
   with pytest.raises(ValueError, match="needs 27 cache slots.*max_len=24"):

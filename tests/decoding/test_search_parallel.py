@@ -181,6 +181,16 @@ def test_compute_optimal_counts_the_probe():
     co.compute_optimal(propose, score, 8, allocation=alloc, methods=search.METHODS, probe=8)
 
 
+class _NoStop:
+  """A proposer without `stop_after` (first-finish falls back to chunks)."""
+
+  def __init__(self, propose):
+    self.propose = propose
+
+  def __call__(self, samples, key, **kw):
+    return self.propose(samples, key, **kw)
+
+
 @pytest.fixture(scope="module")
 def tiny_policy():
   cfg = model.config.get_preset("test")
@@ -207,5 +217,10 @@ def test_policy_rows_are_batch_independent_and_prefix_sharing_is_exact(tiny_poli
                          share_prefix=share)
     first, _ = greedy.bind(prob)(core.root(1), 0, until="step", max_new_tokens=5)
     runs[share], _ = greedy.bind(prob)(first, 0, until="end")
+    # first-finish in one lockstep call (stop_after) picks what the chunked loop picks
+    ff = search.first_finish(pol.bind(prob), None, 4, m=2, key=3)
+    ff_chunks = search.first_finish(_NoStop(pol.bind(prob)), None, 4, m=2, chunk=3, key=3)
+    assert ff.info["rounds"] == 1 and ff.info["first"] == ff_chunks.info["first"]
+    assert ff.answer == ff_chunks.answer and ff.cost.tokens <= ff_chunks.cost.tokens
   # The shared prompt KV gives the dense path's tokens (greedy: no per-position key involved).
   assert [s.text for s in runs[True]] == [s.text for s in runs[False]]

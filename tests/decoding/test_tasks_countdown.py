@@ -85,7 +85,7 @@ def test_max_target_len_bounds_every_reference():
     bound = COUNTDOWN.max_target_len(d)
     longest = max(len(p.target.encode()) for p in COUNTDOWN.problems(1, 300, d))
     assert longest <= bound, (d, longest, bound)
-  assert COUNTDOWN.max_target_len() == COUNTDOWN.max_target_len((4, 25))
+  assert COUNTDOWN.max_target_len() == COUNTDOWN.max_target_len((3, 25))
   # the worst case the bound assumes: every intermediate and the target has 4 digits
   worst = ",".join(["99+99=1000"] + ["1000+99=1000"] * 4) + ";1000\n"
   assert len(worst) <= COUNTDOWN.max_target_len((6, 99))
@@ -198,7 +198,7 @@ def test_problems_are_deterministic_and_distinct():
   many = COUNTDOWN.problems(3, 40)
   assert len({p.prompt for p in many}) >= 38
   assert [p.prompt for p in COUNTDOWN.problems(4, 40)] != [p.prompt for p in many]
-  assert COUNTDOWN.problem(3, 7, (4, 25)) == COUNTDOWN.problem(3, 7)
+  assert COUNTDOWN.problem(3, 7, (3, 25)) == COUNTDOWN.problem(3, 7)
   assert COUNTDOWN.problem(3, 7, (5, 25)) != COUNTDOWN.problem(3, 7)
   text = COUNTDOWN.corpus_text(0, 6, [(3, 10), (4, 25)])
   assert text.count("\n") == 6 and text.count(" to ") == 6

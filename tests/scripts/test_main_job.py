@@ -24,6 +24,8 @@ def _config():
                      new_tokens=4)
   c.speculative.update(draft_steps=2, num_prompts=1, gamma=2)
   c.speculative.draft_model.update(d_model=32, n_heads=2, n_kv_heads=1, ffn_dim=64)
+  c.search.update(policy_steps=2, budget=2, problems=2,
+                  methods=("best_of_n", "beam_search:beam_width=2"))
   c.lock()
   return c
 
@@ -49,6 +51,12 @@ def test_main_job_reports_every_stage(tmp_path):
   text = main_job_lib.format_report(report, config)
   assert "speculative decoding" in text and "output == greedy: True" in text
   assert "sparse attention (topk:k=4:block=8" in text
+  se = report["search"]
+  assert set(se["methods"]) == {"one sample", "best_of_n", "beam_search:beam_width=2"}
+  for r in se["methods"].values():
+    assert 0 <= r["accuracy"] <= 1 and r["tokens"] > 0
+  assert se["methods"]["best_of_n"]["reward_calls"] == 2
+  assert "test-time search on arithmetic" in text
   # A second run on the same workdir resumes: no training left, derived checkpoints replaced.
   again = main_job_lib.run(config, str(tmp_path))
   assert again["train"]["step"] == report["train"]["step"]
