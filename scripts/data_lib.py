@@ -86,6 +86,19 @@ def _walk(root: str, suffixes: tuple[str, ...], skip: frozenset[str]) -> list[st
   return sorted(os.path.relpath(p, root) for p in out)
 
 
+def write_documents(folder: str, lines, per_doc: int) -> list[str]:
+  """`lines` as files of `per_doc` lines each in `folder` (a `corpus="files"` path); each
+  file is one document. Returns the paths, in order."""
+  os.makedirs(folder, exist_ok=True)
+  paths = []
+  for j in range(0, len(lines), per_doc):
+    path = os.path.join(folder, f"doc{j // per_doc:06d}.txt")
+    with open(path, "w") as f:
+      f.write("".join(lines[j:j + per_doc]))
+    paths.append(path)
+  return paths
+
+
 def split_of(name: str, val_fraction: float, test_fraction: float) -> str:
   """The split of a document, from the SHA-256 of its name (a relative path)."""
   u = int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "big") / 2.0**64

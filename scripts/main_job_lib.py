@@ -163,6 +163,7 @@ def _search(config, workdir: str) -> dict:
   sc = config.search
   pc = policy_lib.default_config(sc.task)
   pc.train_config.train.steps = sc.policy_steps
+  pc.task.n_train = sc.corpus_lines
   pc.train_config.ckpt.every = min(pc.train_config.ckpt.every, sc.policy_steps)
   pc.eval.n = max(sc.problems, 16)
   info = policy_lib.run(pc, os.path.join(workdir, "policy"))

@@ -224,14 +224,7 @@ def write_corpus(folder: str, task: base.Task | str, seed: int, n: int, difficul
   task = get_task(task) if isinstance(task, str) else task
   per_doc = _int(per_doc, "per_doc", 1)
   lines = corpus_lines(task, seed, n, difficulties)
-  os.makedirs(folder, exist_ok=True)
-  paths = []
-  for j in range(0, len(lines), per_doc):
-    path = os.path.join(folder, f"doc{j // per_doc:06d}.txt")
-    with open(path, "w") as f:
-      f.write("".join(lines[j:j + per_doc]))
-    paths.append(path)
-  return paths
+  return data_lib.write_documents(folder, lines, per_doc)
 
 
 def eval_problems(config) -> list[base.Problem]:

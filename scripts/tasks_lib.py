@@ -17,13 +17,13 @@ Text is bytes for `model.ByteTokenizer`; `prompt_tokens` is what a model is aske
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 
 from model.tokenizer import ByteTokenizer
+from scripts import data_lib
 
 MAX_DIFFICULTY = 16
 SEP, END = ";", "\n"
@@ -163,14 +163,7 @@ def write_corpus(folder: str, seed: int, n: int, difficulties: Sequence[int], *,
   if isinstance(per_doc, bool) or not isinstance(per_doc, int) or per_doc < 1:
     raise ValueError(f"per_doc={per_doc!r} must be an int >= 1")
   lines = [p.prompt + p.target for p in corpus_problems(seed, n, difficulties)]
-  os.makedirs(folder, exist_ok=True)
-  paths = []
-  for j in range(0, len(lines), per_doc):
-    path = os.path.join(folder, f"doc{j // per_doc:06d}.txt")
-    with open(path, "w") as f:
-      f.write("".join(lines[j:j + per_doc]))
-    paths.append(path)
-  return paths
+  return data_lib.write_documents(folder, lines, per_doc)
 
 
 def overlap(eval_problems: Sequence[Problem], train_problems: Iterable[Problem]) -> float:

@@ -24,7 +24,7 @@ def _config():
                      new_tokens=4)
   c.speculative.update(draft_steps=2, num_prompts=1, gamma=2)
   c.speculative.draft_model.update(d_model=32, n_heads=2, n_kv_heads=1, ffn_dim=64)
-  c.search.update(policy_steps=2, budget=2, problems=2,
+  c.search.update(policy_steps=2, corpus_lines=1600, budget=2, problems=2,
                   methods=("best_of_n", "beam_search:beam_width=2"))
   c.lock()
   return c
