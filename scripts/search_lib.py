@@ -196,9 +196,9 @@ def coverage(problems, policy, task, n: int, key: int, ks) -> dict:
     answers = [task.extract_answer(s.text) for s in samples]
     counts.append(sum(ok))
     tokens.append(cost.tokens / n)
-    for k in ks:
+    for k in ks:  # the voted answer's first sample, judged by the task's verifier
       a, _ = search.vote(answers[:k])
-      votes[k].append(a == p.answer)
+      votes[k].append(a is not None and ok[answers.index(a)])
   cov = passk.coverage(counts, n, ks)
   try:
     fit = passk.fit_coverage_law(ks, cov)

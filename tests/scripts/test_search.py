@@ -85,3 +85,29 @@ def test_claims_report_verdicts_from_rows():
   verdicts = {c["claim"]: c["holds"] for c in search_lib.claims(rows, cov)}
   assert verdicts["RPC matches majority vote with about half the samples"] is True
   assert verdicts["first-finish (short-3@k) saves tokens at equal accuracy"] is True
+
+
+def test_coverage_judges_the_voted_answer_by_the_verifier():
+  from tests.decoding.search_fakes import FakePropose, FakeTask
+
+  class SameAnswer(FakeTask):  # every finished text claims one answer (as Countdown's target)
+    def extract_answer(self, text):
+      return "x" if text.endswith("\n") else None
+
+    def is_correct(self, problem, text):
+      return text == problem.target
+
+  class Policy:
+    def bind(self, problem):
+      return FakePropose(problem, p_correct=0.6)
+
+  task = SameAnswer(depth=2)
+  probs = task.problems(0, 6)
+  cov = search_lib.coverage(probs, Policy(), task, 4, 0, [1, 2, 4])
+  assert cov["pass_at_k"] == sorted(cov["pass_at_k"]) and len(cov["correct_counts"]) == 6
+  # The vote is always "x" (the first sample's), so majority accuracy = first-sample accuracy.
+  assert cov["majority_first_k"][0] == cov["majority_first_k"][2]
+  firsts = [task.is_correct(p, FakePropose(p, p_correct=0.6)(
+      [search_lib.core.Sample()] * 4, search_lib.core.fold(0, i), until="end")[0][0].text)
+            for i, p in enumerate(probs)]
+  assert cov["majority_first_k"][0] == sum(firsts) / 6
