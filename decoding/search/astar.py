@@ -66,6 +66,7 @@ def astar(propose: core.Propose, score: core.Score, budget, *, expand: int = 4,
     states pushed}.
   """
   b = core.as_budget(budget)
+  core.check_vocab(propose, score)
   answer_fn = core.answer_fn_for(propose, answer_fn)
   expand = check_positive_int(expand, "expand")
   steps_per_expand = check_positive_int(steps_per_expand, "steps_per_expand")

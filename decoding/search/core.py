@@ -316,12 +316,17 @@ def answer_fn_for(propose, answer_fn=None):
   return answer_fn or getattr(propose, "answer", None) or answer_of
 
 
+def check_vocab_sizes(propose_vocab: int | None, score_vocab: int | None) -> None:
+  """ValueError when a policy and a reward model read different vocabularies (None = any)."""
+  if propose_vocab is not None and score_vocab is not None and propose_vocab != score_vocab:
+    raise ValueError(f"reward model vocab_size={score_vocab} differs from the policy's "
+                     f"vocab_size={propose_vocab}; they must share one tokenizer")
+
+
 def check_vocab(propose, score) -> None:
-  """A ValueError when the policy and the reward model declare different vocabularies."""
-  pv, sv = getattr(propose, "vocab_size", None), getattr(score, "vocab_size", None)
-  if pv is not None and sv is not None and pv != sv:
-    raise ValueError(f"reward model vocab_size={sv} differs from the policy's vocab_size={pv}; "
-                     "they must share one tokenizer")
+  """`check_vocab_sizes` of the proposer's and the scorer's `vocab_size` attributes (a
+  search method's first check, before any compute)."""
+  check_vocab_sizes(getattr(propose, "vocab_size", None), getattr(score, "vocab_size", None))
 
 
 def root(n: int) -> list[Sample]:

@@ -120,6 +120,7 @@ def particle_filtering(propose: core.Propose, score: core.Score, budget, *,
     round's resampled indices}.
   """
   b = core.as_budget(budget)
+  core.check_vocab(propose, score)
   answer_fn = core.answer_fn_for(propose, answer_fn)
   if not isinstance(temperature, (int, float, np.floating)) or not temperature > 0:
     raise ValueError(f"temperature={temperature!r} must be a number > 0")

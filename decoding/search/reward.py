@@ -44,7 +44,7 @@ import optax
 
 from decoding import request
 from decoding.cost import Cost
-from decoding.search.core import Sample, as_key
+from decoding.search.core import Sample, as_key, check_vocab_sizes
 from decoding.tasks import base
 from model import transformer
 from model.config import ModelConfig
@@ -58,11 +58,7 @@ _END_ID, _SEP_ID = ord(base.END), ord(base.STEP_SEP)
 _STATS = ("x_mean", "x_std")  # feature standardisation stored in a head (not trained)
 
 
-def check_vocab(propose_vocab: int | None, score_vocab: int | None) -> None:
-  """ValueError when a policy and a reward model read different vocabularies (None = any)."""
-  if propose_vocab is not None and score_vocab is not None and propose_vocab != score_vocab:
-    raise ValueError(f"reward model vocab_size={score_vocab} differs from the policy's "
-                     f"vocab_size={propose_vocab}")
+check_vocab = check_vocab_sizes  # (policy vocab_size, reward model vocab_size)
 
 
 def _step_ends(seq, sep, end) -> list[int]:

@@ -40,18 +40,11 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from decoding.search import core
-from decoding.tasks import base
 
 STOPS = ("done", "max_steps", "budget", "pool_full")
 
 
-def answer_of(text: str) -> str | None:
-  """The answer after the last ANSWER_SEP of a finished first line, or None (any task)."""
-  if not base.is_finished(text):
-    return None
-  steps = base.segments(text)
-  answer = base.split_answer(steps[-1])[1] if steps else None
-  return answer if answer else None
+answer_of = core.answer_of  # the default answer extractor (`base.extract_answer`)
 
 
 def check_width(n: int, beam_width: int) -> int:
@@ -90,6 +83,7 @@ def _beam(propose: core.Propose, score: core.Score, budget, *, beam_width: int,
           rollout_propose: core.Propose | None, filter_duplicates: bool,
           early_stop: bool) -> core.SearchResult:
   b = core.as_budget(budget)
+  core.check_vocab(propose, score)
   answer_fn = core.answer_fn_for(propose, answer_fn)
   keep = check_width(b.n, beam_width)
   max_steps = check_positive_int(max_steps, "max_steps")
@@ -207,6 +201,7 @@ def dvts(propose: core.Propose, score: core.Score, budget, *, beam_width: int = 
     (the candidates' scores), "leaves": each subtree's final leaf text}.
   """
   b = core.as_budget(budget)
+  core.check_vocab(propose, score)
   answer_fn = core.answer_fn_for(propose, answer_fn)
   n_trees = check_width(b.n, beam_width)
   max_steps = check_positive_int(max_steps, "max_steps")

@@ -158,6 +158,10 @@ def test_bad_input_errors():
 
   with pytest.raises(ValueError, match="vocab_size=512 differs"):
     core.check_vocab(Vocab(), OtherVocab())
+  for method in ("best_of_n", "weighted_vote", "beam_search", "dvts", "particle_filtering",
+                 "astar"):  # checked before any compute
+    with pytest.raises(ValueError, match="vocab_size=512 differs"):
+      search.search(method, Vocab(), OtherVocab(), 4)
 
 
 def test_fit_allocation_picks_the_best_method_per_bin():
