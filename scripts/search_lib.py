@@ -150,7 +150,7 @@ def learned_head(config, workdir: str, policy: core.Policy, task: base.Task) -> 
   cfg = policy.decoder.cfg
   x = reward.step_features(cfg, policy.params, rows, pos)
   y = np.concatenate([np.asarray(v) for v in labels])
-  head, hist = reward.fit_value_head(x, y, steps=lc.steps, key=jax.random.key(config.key))
+  head, _ = reward.fit_value_head(x, y, steps=lc.steps, key=jax.random.key(config.key))
   acc = float(np.mean((np.asarray(reward.value_head_apply(head, x)) > 0) == (y > 0)))
   reward.save_head(path, head, {"train_steps": int(len(y)), "positive": float(y.mean()),
                                 "train_accuracy": acc})
@@ -167,8 +167,19 @@ def make_reward(config, workdir: str, policy: core.Policy, task: base.Task):
   return reward.LearnedPRM(policy.decoder.cfg, policy.params, head, task)
 
 
-def _mean(records, field):
-  return float(np.mean([r[field] for r in records]))
+COST_FIELDS = ("tokens", "forward_passes", "forward_tokens", "reward_calls", "flops",
+               "wall_time_s")
+
+
+def _summary(rows) -> dict:
+  """Accuracy, per-problem correctness and the mean of every cost field over `rows`."""
+  return dict(accuracy=float(np.mean([r["correct"] for r in rows])),
+              correct=[bool(r["correct"]) for r in rows],
+              **{f: float(np.mean([r[f] for r in rows])) for f in COST_FIELDS})
+
+
+def _solved(task, problem, r: core.SearchResult) -> bool:
+  return r.sample is not None and r.answer is not None and task.is_correct(problem, r.text)
 
 
 def evaluate(method: str, budget: int, problems, policy, rm, task, key: int) -> dict:
@@ -178,12 +189,8 @@ def evaluate(method: str, budget: int, problems, policy, rm, task, key: int) -> 
   rows = []
   for i, p in enumerate(problems):
     r = fn(policy.bind(p), rm.bind(p), core.Budget(budget), key=core.fold(key, i), **kw)
-    rows.append(dict(correct=r.answer is not None and task.is_correct(p, r.text)
-                     if r.sample is not None else False, **r.cost.to_dict()))
-  return dict(accuracy=float(np.mean([r["correct"] for r in rows])),
-              correct=[bool(r["correct"]) for r in rows],
-              **{f: _mean(rows, f) for f in ("tokens", "forward_passes", "forward_tokens",
-                                             "reward_calls", "flops", "wall_time_s")})
+    rows.append(dict(correct=_solved(task, p, r), **r.cost.to_dict()))
+  return _summary(rows)
 
 
 def coverage(problems, policy, task, n: int, key: int, ks) -> dict:
@@ -245,14 +252,11 @@ def fit_and_run_compute_optimal(config, policy, rm, task, problems, key) -> list
     for i, p in enumerate(problems):
       r = co.compute_optimal(policy.bind(p), rm.bind(p), core.Budget(n), allocation=alloc,
                              methods=methods, probe=cc.probe, key=core.fold(key, i))
-      rows.append(dict(correct=r.sample is not None and task.is_correct(p, r.text),
-                       method=r.info.get("method"), **r.cost.to_dict()))
+      rows.append(dict(correct=_solved(task, p, r), method=r.info.get("method"),
+                       **r.cost.to_dict()))
     out.append(dict(method="compute_optimal", budget=int(n), allocation=alloc.to_dict(),
-                    accuracy=float(np.mean([r["correct"] for r in rows])),
-                    correct=[bool(r["correct"]) for r in rows],
                     chosen={m: sum(r["method"] == m for r in rows) for m in correct},
-                    **{f: _mean(rows, f) for f in ("tokens", "forward_passes", "forward_tokens",
-                                                   "reward_calls", "flops", "wall_time_s")}))
+                    **_summary(rows)))
   return out
 
 
@@ -388,11 +392,10 @@ def table(rows) -> str:
 
 def write_report(rows, cov, verdicts, config, info, workdir: str) -> list[str]:
   files = []
-  plot_rows = [r for r in rows if r["method"] != "compute_optimal" or True]
   for x, label in (("tokens", "generated tokens per problem"),
                    ("forward_passes", "policy forward passes per problem"),
                    ("reward_calls", "reward-model calls per problem")):
-    pts = [dict(r, x=max(r[x], 1e-9)) for r in plot_rows]
+    pts = [dict(r, x=max(r[x], 1e-9)) for r in rows]  # log axis: 0 reward calls -> 1e-9
     files.append(sweep_lib.plot(
         pts, x="x", y="accuracy", series="method", path=os.path.join(workdir, f"search_{x}.png"),
         xlabel=label + " (log)", ylabel="accuracy", xscale="log",
