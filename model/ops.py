@@ -60,12 +60,20 @@ def dot(x: Float[Array, "... In"], w, *, impl: str = "xla", dtype=None,
   """x[..., in] @ w[in, out] with f32 accumulation, result in `dtype` (default x.dtype).
 
   path: for a 2-D per-channel QArray, one of `W8A8_PATHS` (act_bits=8) or
-    `WEIGHT_ONLY_PATHS`; None picks the fastest measured one. W8A8 has no Pallas kernel:
-    its dot runs on XLA for every `impl`.
+    `WEIGHT_ONLY_PATHS`; None picks the fastest measured one.
+  impl="pallas": 2-D int8 / int4 QArrays (per-channel or per-group, symmetric or with a
+    zero point, and W8A8) run `pallas_kernels.lowbit_matmul`; other formats, and backends
+    where no kernel runs (a CPU unless SPARQ_PALLAS_INTERPRET is set), take the XLA path
+    (one logged line per reason).
   """
   dtype = dtype or x.dtype
   if isinstance(w, QArray):
     if w.act_bits is not None:
+      if path is None and impl == "pallas":
+        _check_w8a8(w)
+        y = _pallas_dot(x, w, dtype)
+        if y is not None:
+          return y
       return w8a8_dot(x, w, dtype=dtype, path=path)
     return _qdot(x, w, impl=impl, dtype=dtype, path=path)
   if path is not None:
@@ -212,12 +220,10 @@ def _qdot(x: Float[Array, "... In"], w: QArray, *, impl: str, dtype,
     raise ValueError(f"path={path!r} needs a 2-D per-channel QArray; got {w!r}")
   if w.ndim != 2:
     return jnp.matmul(x, dequantize(w, dtype), preferred_element_type=jnp.float32).astype(dtype)
-  if (path is None and impl == "pallas" and w.fmt == "int" and w.bits == 8 and w.zero is None
-      and per_channel):
-    lead, n = x.shape[:-1], w.shape[1]
-    scale_1N = jnp.broadcast_to(w.scale, (1, n))
-    y = kernels.int8_matmul(x.reshape(-1, x.shape[-1]), w.values, scale_1N)
-    return y.reshape(*lead, n).astype(dtype)
+  if path is None and impl == "pallas":
+    y = _pallas_dot(x, w, dtype)
+    if y is not None:
+      return y
   if per_channel:
     rows = x.size // max(x.shape[-1], 1)
     if path is None:
@@ -242,6 +248,28 @@ def _qdot(x: Float[Array, "... In"], w: QArray, *, impl: str, dtype,
   # dequantize-then-dot on the 2-core CPU (K=N=1024, g=128, M=1..512); accelerators
   # take the low-bit Pallas kernels instead.
   return jnp.matmul(x, dequantize(w, dtype), preferred_element_type=jnp.float32).astype(dtype)
+
+
+def _pallas_dot(x: Float[Array, "... In"], w: QArray, dtype) -> Float[Array, "... Out"] | None:
+  """x @ w on the low-bit Pallas kernel, or None (logged) where it can't run this weight."""
+  interpret = kernels.env_interpret()
+  target, mode = kernels.plan(interpret)
+  reason = None if target is not None else mode
+  k, n = w.shape if w.ndim == 2 else (None, None)
+  if reason is None and (w.ndim != 2 or w.fmt != "int" or w.bits not in (4, 8)):
+    reason = f"a {w.fmt} {w.bits}-bit {w.ndim}-D weight (the kernel takes 2-D int8 / int4)"
+  if reason is None and jnp.dtype(dtype).name not in ("float32", "bfloat16", "float16"):
+    reason = f"compute dtype {jnp.dtype(dtype).name}"
+  if reason is not None:
+    kernels.log_fallback("lowbit_matmul", reason)
+    return None
+  groups = k // w.group_size if w.group_size else 1
+  scales = jnp.broadcast_to(w.scale, (groups, n))
+  zeros = None if w.zero is None else jnp.broadcast_to(w.zero, (groups, n))
+  x_MK = x.reshape(-1, k).astype(dtype)
+  y = kernels.lowbit_matmul(x_MK, w.values, scales, bits=w.bits, group_size=w.group_size or None,
+                            zeros=zeros, act_bits=w.act_bits, interpret=interpret)
+  return y.reshape(*x.shape[:-1], n).astype(dtype)
 
 
 def _blocked_codes_dot(x: Float[Array, "... K"], w: QArray, dtype) -> Float[Array, "... N"]:
