@@ -24,8 +24,14 @@ from model import kv_cache, kv_evict
 from model.config import ATTN_QK
 from model.kv_cache import KVCache, PrefixCache, write_layer
 from model.kv_evict import EvictingCache
+from pallas_kernels import api as kernels
+from pallas_kernels import block_sparse as kernel_masks
 
-IMPLS = ("reference", "xla")
+# "pallas": the block-sparse flash attention kernel (`pallas_kernels.block_sparse_attention`)
+# for float q, k, v; where it can't run (a CPU without SPARQ_PALLAS_INTERPRET, a quantized
+# cache, int8 Q.K^T, blocks the hardware can't tile) the "xla" path runs, with one logged
+# line per reason.
+IMPLS = ("reference", "xla", "pallas")
 _NEG = -1e30  # finite "minus infinity": fully masked rows stay NaN-free
 
 
@@ -341,6 +347,11 @@ def _attend(q_BTHD, k, v, mask, impl, layout, scale, return_lse):
   b, t, h, dh = q_BTHD.shape
   heads_major, s, kh, scale = _dims(q_BTHD, k, layout, scale)
   k, v = k.astype(q_BTHD.dtype), v.astype(q_BTHD.dtype)
+  if impl == "pallas":
+    out = _pallas(q_BTHD, k, v, mask, heads_major, scale, return_lse)
+    if out is not None:
+      return out
+    impl = "xla"
   if mask.layout is not None and impl == "xla":
     return _block_sparse(q_BTHD, k, v, mask, layout, scale, return_lse)
   mask5 = _mask5(mask, b, t, s, h, kh)
@@ -353,6 +364,47 @@ def _attend(q_BTHD, k, v, mask, impl, layout, scale, return_lse):
         q_BTHD, k, v, mask=mask5[:, :, 0], scale=scale, implementation="xla")
     return out.astype(q_BTHD.dtype)
   return _reference(q_BTHD, k, v, mask5, scale, return_lse)
+
+
+def _pallas(q_BTHD, k, v, mask: AttentionMask, heads_major: bool, scale, return_lse):
+  """The Pallas kernel's result, or None (logged) where it can't run this call."""
+  b, t, h, dh = q_BTHD.shape
+  if heads_major:  # k [B, K, Dh, S], v [B, K, S, Dh] -> [B, S, K, Dh]
+    k, v = jnp.transpose(k, (0, 3, 1, 2)), jnp.swapaxes(v, 1, 2)
+  s = k.shape[1]
+  interpret = kernels.env_interpret()
+  target, mode = kernels.plan(interpret)
+  reason = None if target is not None else mode
+  if reason is None and jnp.dtype(q_BTHD.dtype).name not in kernel_masks.DTYPES:
+    reason = f"dtype {q_BTHD.dtype} (the kernel takes {', '.join(kernel_masks.DTYPES)})"
+  layout = mask.layout
+  if layout is not None:
+    bq, bkv = layout.block_q, layout.block_kv
+  else:
+    bq, bkv = kernels.attention_blocks(t, s, target)
+  if reason is None and (t % bq or s % bkv):
+    reason = f"blocks ({bq}, {bkv}) do not tile T={t}, S={s}"
+  if reason is None and mode is False:
+    reason = kernels.attention_blocker(target, t, s, dh, bq, bkv)
+  if reason is not None:
+    kernels.log_fallback("block_sparse_attention", reason)
+    return None
+  q_seg, kv_seg = mask.q_segment_ids, mask.kv_segment_ids
+  if q_seg is None:  # AttentionMask reads kv segment ids only beside q ones
+    kv_seg = None
+  elif kv_seg is None:
+    kv_seg = q_seg
+  if mask.kv_valid is not None:  # padding keys: a segment no query is in
+    q_seg = jnp.zeros((b, t), jnp.int32) if q_seg is None else q_seg.astype(jnp.int32)
+    base = jnp.zeros((b, s), jnp.int32) if kv_seg is None else kv_seg.astype(jnp.int32)
+    kv_seg = jnp.where(mask.kv_valid, base, jnp.iinfo(jnp.int32).min)
+  pmask = kernel_masks.Mask(causal=mask.causal, window=mask.window, sinks=mask.sinks,
+                            q_positions=mask.q_positions, kv_positions=mask.kv_positions,
+                            q_segment_ids=q_seg, kv_segment_ids=kv_seg)
+  return kernels.block_sparse_attention(
+      q_BTHD, k, v, layout, mask=pmask, scale=scale, return_lse=return_lse,
+      interpret=interpret, block_q=None if layout is not None else bq,
+      block_kv=None if layout is not None else bkv)
 
 
 def _mask5(mask: AttentionMask, b, t, s, h, kh) -> Bool[Array, "B K G T S"]:
@@ -422,6 +474,9 @@ def _attend_codes(q_BTHD, k, v, mask, impl, layout, scale, return_lse, *, fmt, k
   integer arithmetic under both impls.
   """
   _check_impl(impl)
+  if impl == "pallas":
+    kernels.log_fallback("block_sparse_attention", "quantized K / V codes (no kernel)")
+    impl = "xla"
   b, t, h, dh = q_BTHD.shape
   heads_major, s, kh, scale = _dims(q_BTHD, k, layout, scale)
   if mask.layout is not None and impl == "xla":

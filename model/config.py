@@ -11,7 +11,7 @@ from typing import Literal
 
 import jax.numpy as jnp
 
-AttnImpl = Literal["reference", "xla"]
+AttnImpl = Literal["reference", "xla", "pallas"]
 MatmulImpl = Literal["xla", "pallas"]
 _DTYPES = ("float32", "bfloat16", "float16")
 ROPE_SCALING_TYPES = ("llama3", "linear")
@@ -82,9 +82,9 @@ class ModelConfig:
     for name in ("param_dtype", "dtype"):
       if getattr(self, name) not in _DTYPES:
         raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}; valid: {_DTYPES}")
-    if self.attn_impl not in ("reference", "xla"):
+    if self.attn_impl not in ("reference", "xla", "pallas"):
       raise ValueError(
-          f"ModelConfig.attn_impl={self.attn_impl!r}; valid: 'reference', 'xla'")
+          f"ModelConfig.attn_impl={self.attn_impl!r}; valid: 'reference', 'xla', 'pallas'")
     if self.matmul_impl not in ("xla", "pallas"):
       raise ValueError(f"ModelConfig.matmul_impl={self.matmul_impl!r}; valid: 'xla', 'pallas'")
     if self.kv_quant is not None and self.kv_quant not in KV_QUANTS:

@@ -206,8 +206,9 @@ def attend(cache: EvictingCache, layer: int, pos_BT: Int[Array, "B T"],
            ) -> tuple[Float[Array, "B T H Dh"], EvictingCache]:
   """Layer `layer`'s attention of T new tokens at positions `pos_BT`, then eviction (see the
   module docstring). Both impls compute the same (one f32 softmax over held + new)."""
-  if impl not in ("reference", "xla"):
-    raise ValueError(f"attention impl={impl!r}; valid: 'reference', 'xla'")
+  if impl not in ("reference", "xla", "pallas"):
+    raise ValueError(f"attention impl={impl!r}; valid: 'reference', 'xla', 'pallas'")
+  impl = "xla" if impl == "pallas" else impl  # eviction gathers held slots: no kernel
   if qk not in (None, "int8"):
     raise ValueError(f"attention qk={qk!r}; valid: None, 'int8'")
   inner = cache.cache.with_lengths(cache.lengths)  # `encode` reads lengths (k_mean at 0)

@@ -32,8 +32,8 @@ from jax.experimental.pallas import tpu as pltpu
 from jaxtyping import Array, Float, Int8
 
 from pallas_kernels import block_sparse as bs
+from pallas_kernels import block_sparse_gpu, block_sparse_tpu, lowbit
 from pallas_kernels import int8_matmul as _k
-from pallas_kernels import lowbit
 
 IMPLS = ("pallas", "reference")
 PLATFORMS = ("tpu", "gpu")
@@ -171,7 +171,6 @@ def block_sparse_attention(q: Float[Array, "B T H Dh"], k: Float[Array, "B S K D
   if layout is None:
     layout = bs.dense_layout(m, block_q, block_kv)
   meta = bs.build_meta(layout, s)
-  from pallas_kernels import block_sparse_gpu, block_sparse_tpu  # TEMP until helpers land
   kernel = block_sparse_tpu.attention if target == "tpu" else block_sparse_gpu.attention
   out, lse = kernel(jnp.swapaxes(q, 1, 2), jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), meta,
                     m, scale=scale, interpret=mode)

@@ -129,7 +129,10 @@ def layout_head(h, layout_heads: int, heads: int, kv_heads: int):
   if layout_heads == heads:
     return h
   if layout_heads == kv_heads:
-    return h // (heads // kv_heads)
+    g = heads // kv_heads
+    # lax.div (truncating; h >= 0) rather than //: jnp's floor division lowers through
+    # `sign`, which Mosaic's TPU lowering cannot do without a TPU attached.
+    return h // g if isinstance(h, int) else jax.lax.div(h, jnp.asarray(g, h.dtype))
   return h * 0
 
 
@@ -224,8 +227,8 @@ def check_layout(layout, b: int, t: int, s: int, h: int, kh: int) -> None:
       raise ValueError(f"layout.{name}_indices must be strictly ascending within each q "
                        f"block's first {name}_num_blocks entries")
   if len(lists) == 2 and _is_concrete(*lists[0][1:], *lists[1][1:]):
-    both = _list_mask(*lists[0][1:], sb) & _list_mask(*lists[1][1:], sb)
-    if bool(np.any(np.asarray(both))):
+    both = _np_list_mask(*lists[0][1:], sb) & _np_list_mask(*lists[1][1:], sb)
+    if both.any():
       raise ValueError("layout: a kv block is in both the partial and the full list of one q "
                        "block; each active block belongs to exactly one")
   if len(lists) == 2 and tuple(lists[0][1].shape[:2]) != tuple(lists[1][1].shape[:2]):
@@ -287,6 +290,14 @@ def element_mask(m: MaskArrays, qpos, kpos, qseg=None, kseg=None):
   if qseg is not None:
     ok &= qseg == kseg
   return ok
+
+
+def _np_list_mask(num, idx, n_blocks: int) -> np.ndarray:
+  """`_list_mask` in numpy, for checks on concrete lists (also while tracing around them)."""
+  num, idx = np.asarray(num), np.asarray(idx)
+  active = np.arange(idx.shape[-1]) < num[..., None]
+  hit = (idx[..., None] == np.arange(n_blocks)) & active[..., None]
+  return hit.any(axis=-2)
 
 
 def _list_mask(num, idx, n_blocks: int) -> Bool[Array, "B H Qb Sb"]:
