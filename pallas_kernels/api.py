@@ -178,7 +178,16 @@ def block_sparse_attention(q: Float[Array, "B T H Dh"], k: Float[Array, "B S K D
   return (out, jnp.swapaxes(lse, 1, 2)) if return_lse else out
 
 
-block_sparse_attention_reference = bs.reference
+def block_sparse_attention_reference(
+    q: Float[Array, "B T H Dh"], k: Float[Array, "B S K Dh"], v: Float[Array, "B S K Dh"],
+    layout=None, *, mask: bs.Mask | None = None, scale: float | None = None,
+    return_lse: bool = False, interpret=False, platform: str | None = None,
+    impl: str | None = None, block_q: int | None = None, block_kv: int | None = None):
+  """`block_sparse_attention`'s pure-jnp reference (dense masked softmax in f32); the
+  kernel-selection and block arguments are accepted and unused."""
+  del platform, impl
+  return bs.reference(q, k, v, layout, mask=mask, scale=scale, return_lse=return_lse,
+                      interpret=interpret, block_q=block_q, block_kv=block_kv)
 
 
 # --- Low-bit matmul -------------------------------------------------------------------------
@@ -207,7 +216,18 @@ def lowbit_matmul(x: Float[Array, "M K"], values: Array, scales: Float[Array, "G
                               block_m=block_m, block_n=block_n, block_k=block_k)
 
 
-lowbit_matmul_reference = lowbit.reference
+def lowbit_matmul_reference(x: Float[Array, "M K"], values: Array, scales: Float[Array, "G N"],
+                            *, bits: int, group_size: int | None, zeros: Array | None = None,
+                            act_bits: int | None = None, interpret=False,
+                            platform: str | None = None, impl: str | None = None,
+                            block_m: int | None = None, block_n: int | None = None,
+                            block_k: int | None = None) -> Float[Array, "M N"]:
+  """`lowbit_matmul`'s pure-jnp reference (W dequantized in f32, one dot; W8A8: the int32
+  dot of the codes); the kernel-selection and block arguments are accepted and unused."""
+  del impl
+  return lowbit.reference(x, values, scales, bits=bits, group_size=group_size, zeros=zeros,
+                          act_bits=act_bits, interpret=interpret, platform=platform,
+                          block_m=block_m, block_n=block_n, block_k=block_k)
 
 
 

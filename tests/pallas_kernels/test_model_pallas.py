@@ -1,6 +1,7 @@
 """The public entry points, the backend plan, and the model's impl="pallas" paths end to end
 (interpret mode on CPU) against the XLA paths."""
 
+import inspect
 import logging
 
 import jax
@@ -201,3 +202,12 @@ def test_cached_decoding_pallas_matches_xla(monkeypatch, b, layout):
   assert _count_pallas_calls(jax.make_jaxpr(step)(params, tokens[:, :1], cache)) >= 1
   want, _ = run("xla")
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_references_share_the_entry_points_signatures():
+  for fn, ref in ((pallas_kernels.block_sparse_attention,
+                   pallas_kernels.block_sparse_attention_reference),
+                  (pallas_kernels.lowbit_matmul, pallas_kernels.lowbit_matmul_reference)):
+    got, want = inspect.signature(ref).parameters, inspect.signature(fn).parameters
+    assert list(got) == list(want)
+    assert all(got[n].default == want[n].default and got[n].kind == want[n].kind for n in got)
