@@ -65,6 +65,10 @@ class ModelConfig:
   # "int8": SageAttention Q.K^T, int8 x int8 -> int32 against keys smoothed by their mean
   # (a cached forward needs kv_quant="int8"); None: in `dtype`.
   attn_qk: str | None = None
+  # Decode-time fused projections: attn/qkv and mlp/gate_up kernels in place of q / k / v
+  # and gate / up (params from `model.fuse_projections`); training and export keep them
+  # separate.
+  fused_projections: bool = False
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_dim",
@@ -93,6 +97,9 @@ class ModelConfig:
     if self.kv_quant == "int4" and self.dh % 2:
       raise ValueError(f"ModelConfig.kv_quant='int4' packs two codes per byte along the head "
                        f"dim, which must be even; head dim is {self.dh}")
+    if not isinstance(self.fused_projections, bool):
+      raise ValueError(f"ModelConfig.fused_projections={self.fused_projections!r}; valid: "
+                       "True, False")
     if self.attn_qk is not None and self.attn_qk not in ATTN_QK:
       raise ValueError(f"ModelConfig.attn_qk={self.attn_qk!r}; valid: None, "
                        f"{', '.join(map(repr, ATTN_QK))}")

@@ -38,9 +38,15 @@ class Attention(nn.Module):
     cfg = self.cfg
     b, t, _ = x_BTD.shape
     h, k, dh = cfg.n_heads, cfg.n_kv_heads, cfg.dh
-    q_BTHD = _dense(cfg, h * dh, "q", cfg.qkv_bias)(x_BTD).reshape(b, t, h, dh)
-    k_BTKD = _dense(cfg, k * dh, "k", cfg.qkv_bias)(x_BTD).reshape(b, t, k, dh)
-    v_BTKD = _dense(cfg, k * dh, "v", cfg.qkv_bias)(x_BTD).reshape(b, t, k, dh)
+    if cfg.fused_projections:  # one [D, (H + 2K) Dh] kernel (`model.fuse_projections`)
+      qkv = _dense(cfg, (h + 2 * k) * dh, "qkv", cfg.qkv_bias)(x_BTD)
+      q, kk, vv = jnp.split(qkv, [h * dh, (h + k) * dh], axis=-1)
+    else:
+      q = _dense(cfg, h * dh, "q", cfg.qkv_bias)(x_BTD)
+      kk = _dense(cfg, k * dh, "k", cfg.qkv_bias)(x_BTD)
+      vv = _dense(cfg, k * dh, "v", cfg.qkv_bias)(x_BTD)
+    q_BTHD = q.reshape(b, t, h, dh)
+    k_BTKD, v_BTKD = kk.reshape(b, t, k, dh), vv.reshape(b, t, k, dh)
     if cfg.qk_norm:
       q_BTHD, k_BTKD = _norm(cfg, "q_norm")(q_BTHD), _norm(cfg, "k_norm")(k_BTKD)
     rope = dict(theta=cfg.rope_theta, scaling=cfg.rope_scaling)
@@ -57,8 +63,11 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x_BTD):
     cfg = self.cfg
-    gate_BTF = _dense(cfg, cfg.ffn_dim, "gate")(x_BTD)
-    up_BTF = _dense(cfg, cfg.ffn_dim, "up")(x_BTD)
+    if cfg.fused_projections:  # one [D, 2F] kernel (`model.fuse_projections`)
+      gate_BTF, up_BTF = jnp.split(_dense(cfg, 2 * cfg.ffn_dim, "gate_up")(x_BTD), 2, axis=-1)
+    else:
+      gate_BTF = _dense(cfg, cfg.ffn_dim, "gate")(x_BTD)
+      up_BTF = _dense(cfg, cfg.ffn_dim, "up")(x_BTD)
     return _dense(cfg, cfg.d_model, "down")(nn.silu(gate_BTF) * up_BTF)
 
 
@@ -124,6 +133,16 @@ def param_shapes(cfg: ModelConfig):
   return jax.eval_shape(abstract_init_fn(cfg), jax.random.key(0))
 
 
+def _check_fused(cfg: ModelConfig, params) -> None:
+  attn = params.get("layers_0", {}).get("attn", {}) if isinstance(params, dict) else {}
+  if cfg.fused_projections and "q" in attn:
+    raise ValueError("cfg.fused_projections=True but the params hold separate q / k / v "
+                     "kernels; pass model.fuse_projections(params)")
+  if not cfg.fused_projections and "qkv" in attn:
+    raise ValueError("the params hold fused projections (attn/qkv, mlp/gate_up): use "
+                     "cfg.replace(fused_projections=True)")
+
+
 def _check(cfg: ModelConfig, tokens_BT, cache) -> None:
   if cache is None and tokens_BT.shape[1] > cfg.max_seq_len:
     raise ValueError(
@@ -143,6 +162,7 @@ def apply(cfg: ModelConfig, params, tokens_BT: Int[Array, "B T"], *, positions=N
     or a PrefixCache (rows continue after their group's shared prefix).
   """
   _check(cfg, tokens_BT, cache)
+  _check_fused(cfg, params)
   return Transformer(cfg).apply({"params": params}, tokens_BT, positions, segment_ids, cache)
 
 
@@ -152,6 +172,7 @@ def hidden_states(cfg: ModelConfig, params, tokens_BT: Int[Array, "B T"], *,
   if n_layers is not None and (not isinstance(n_layers, int) or not 1 <= n_layers <= cfg.n_layers):
     raise ValueError(f"n_layers={n_layers!r} must be an int in [1, {cfg.n_layers}]")
   _check(cfg, tokens_BT, cache)
+  _check_fused(cfg, params)
   return Transformer(cfg).apply({"params": params}, tokens_BT, positions, segment_ids, cache,
                                 n_layers, method=Transformer.hidden_states)
 

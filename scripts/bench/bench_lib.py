@@ -80,6 +80,16 @@ def interleaved(methods: dict[str, Callable[[Any], T]], inputs: Sequence[Any], r
   return best, outs
 
 
+def stream_bandwidth(nbytes: int = 256 << 20, repeats: int = 10) -> tuple[float, int]:
+  """(bytes / s, bytes read) of the fastest of `repeats` jitted sums over an f32 array of
+  `nbytes`: the rate a decode step can stream weights at on this machine, now."""
+  x = jax.numpy.ones((nbytes // 4,), jax.numpy.float32)
+  total = jax.jit(jax.numpy.sum)
+  jax.block_until_ready(total(x))
+  seconds, _ = best_of(lambda: total(x), repeats)
+  return x.size * 4 / seconds, x.size * 4
+
+
 def int_list(flag: str, values: Sequence[str], *, minimum: int = 1) -> list[int]:
   """A list flag's values as integers >= `minimum`, or a ValueError naming the flag."""
   try:

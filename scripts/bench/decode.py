@@ -38,13 +38,19 @@ _HF_THREADS = flags.DEFINE_list(
     "torch thread counts to try; HF's best is reported (2 threads collapse on a busy machine).")
 _REPEATS = flags.DEFINE_integer("repeats", 1, "Timed runs per point (the best is kept).")
 _SPLIT = flags.DEFINE_bool("split_prefill", True, "Also time 1-token runs (decode-only rate).")
+_FUSED = flags.DEFINE_bool("fused", True, "sparq decodes with fused q/k/v and gate/up kernels "
+                           "(`model.fuse_projections`).")
+_UNFUSED = flags.DEFINE_bool("compare_unfused", False, "Also time sparq with separate kernels.")
 _OUT = flags.DEFINE_string("output_dir", "docs", "Where bench_decode.{json,md} go.")
 FLAG_NAMES = ("batch", "prompt_len", "new_tokens", "preset", "dtype", "hf", "hf_threads",
-              "repeats", "split_prefill", "output_dir")
+              "repeats", "split_prefill", "fused", "compare_unfused", "output_dir")
 
 
-def _sparq_runner(cfg, params):
-  """decoding.generate; the warm-up compiles both shapes timed later (new and 1 tokens)."""
+def _sparq_runner(cfg, params, fused: bool):
+  """decoding.generate; the warm-up compiles both shapes timed later (new and 1 tokens).
+  fused: the step reads fused q/k/v and gate/up kernels, built once here."""
+  if fused:
+    cfg, params = cfg.replace(fused_projections=True), model.fuse_projections(params)
   step_fn = model.Decoder(cfg)
 
   def run(prompts, new):
@@ -118,27 +124,41 @@ def _hf_model(cfg, params, folder):
 
 
 def _table(results, meta, command: str) -> str:
+  bound = meta["weight_bytes"] / meta["stream_bytes_per_s"]
   lines = [f"# Decode throughput: sparq vs transformers ({meta['machine']})", "",
            f"Model: preset `{meta['preset']}` ({meta['params'] / 1e6:.1f}M params, "
            f"{meta['dtype']}), random weights, greedy, {meta['new_tokens']} new tokens per row. "
            f"jax {meta['jax']}, torch {meta.get('torch', '-')}, transformers "
            f"{meta.get('transformers', '-')}. Load average at start / end: "
            f"{meta['load_avg_1m']:.2f} / {meta['load_avg_1m_end']:.2f}.", "",
+           f"Streaming bandwidth measured in this run: {meta['stream_bytes_per_s'] / 1e9:.1f} "
+           f"GB/s (a jitted sum over {meta['stream_probe_bytes'] >> 20} MiB); the weights are "
+           f"{meta['weight_bytes'] / 1e6:.1f} MB, so one decode step cannot take less than "
+           f"{bound * 1e3:.2f} ms (the weight-streaming bound). sparq decodes with "
+           f"{'fused' if meta['fused'] else 'separate'} q/k/v and gate/up kernels.", "",
            "| prompt | batch | sparq tok/s | HF tok/s | speedup | sparq decode tok/s | "
-           "HF decode tok/s | decode speedup | HF threads | greedy agreement |",
-           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "HF decode tok/s | decode speedup | sparq step / bound | HF threads | "
+           "greedy agreement |",
+           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
   for r in results:
     s, h = r["sparq"], r.get("hf", {})
     f = lambda d, k: f"{d[k]:.1f}" if k in d else "-"
     ratio = lambda k: f"{s[k] / h[k]:.2f}x" if k in s and k in h else "-"
     agree = f"{r['greedy_agreement']:.3f}" if "greedy_agreement" in r else "-"
+    step = f"{s['step_vs_bound']:.2f}" if "step_vs_bound" in s else "-"
     lines.append(f"| {r['prompt_len']} | {r['batch']} | {f(s, 'tok_s')} | {f(h, 'tok_s')} | "
                  f"{ratio('tok_s')} | {f(s, 'decode_tok_s')} | {f(h, 'decode_tok_s')} | "
-                 f"{ratio('decode_tok_s')} | {h.get('threads', '-')} | {agree} |")
+                 f"{ratio('decode_tok_s')} | {step} | {h.get('threads', '-')} | {agree} |")
+    u = r.get("sparq-unfused")
+    if u:
+      ustep = f"{u['step_vs_bound']:.2f}" if "step_vs_bound" in u else "-"
+      lines.append(f"| {r['prompt_len']} | {r['batch']} | {f(u, 'tok_s')} (unfused) | | | "
+                   f"{f(u, 'decode_tok_s')} (unfused) | | | {ustep} | | |")
   lines += ["", "tok/s = batch x new tokens / wall time, prefill included; decode tok/s = "
             "batch x (new - 1) / (t(new) - t(1)). HF: the best of torch thread counts "
-            f"{meta.get('hf_threads', '-')}. Greedy agreement: fraction of identical generated "
-            f"tokens. Command: `{command}`."]
+            f"{meta.get('hf_threads', '-')}. Step / bound: one batch-1 decode step "
+            "(1 / decode tok/s) over the weight-streaming bound. Greedy agreement: fraction of "
+            f"identical generated tokens. Command: `{command}`."]
   return "\n".join(lines) + "\n"
 
 
@@ -153,8 +173,13 @@ def main():
                      f"max_seq_len={cfg.max_seq_len}")
   params = model.init(cfg, jax.random.key(0))
   meta = dict(**bench_lib.machine_info(), preset=_PRESET.value, dtype=_DTYPE.value,
-              params=model.count_params(params), new_tokens=_NEW.value)
-  runners = {"sparq": _sparq_runner(cfg, params)}
+              params=model.count_params(params), new_tokens=_NEW.value, fused=_FUSED.value,
+              weight_bytes=model.tree_nbytes(params))
+  meta["stream_bytes_per_s"], meta["stream_probe_bytes"] = bench_lib.stream_bandwidth()
+  print(f"streaming bandwidth: {meta['stream_bytes_per_s'] / 1e9:.1f} GB/s")
+  runners = {"sparq": _sparq_runner(cfg, params, _FUSED.value)}
+  if _UNFUSED.value:
+    runners["sparq-unfused"] = _sparq_runner(cfg, params, False)
   if _HF.value:
     import torch
     import transformers
@@ -173,6 +198,10 @@ def main():
       prompts = rng.randint(0, cfg.vocab_size, (b, p)).astype(np.int32)
       r = dict(prompt_len=p, batch=b, **_point(runners, prompts, _NEW.value, _REPEATS.value,
                                                _SPLIT.value))
+      bound = meta["weight_bytes"] / meta["stream_bytes_per_s"]
+      for name in ("sparq", "sparq-unfused"):
+        if b == 1 and "decode_tok_s" in r.get(name, {}):
+          r[name]["step_vs_bound"] = 1 / r[name]["decode_tok_s"] / bound
       results.append(r)
       hf_tok = r.get("hf", {}).get("tok_s", float("nan"))
       print(f"prompt {p:5d} batch {b:3d}: sparq {r['sparq']['tok_s']:8.1f} tok/s  "

@@ -149,3 +149,9 @@ def test_int_list_parses_or_names_the_flag():
   for bad in (["0"], ["x"], []):
     with pytest.raises(ValueError, match="--m=.* must be a list of integers >= 1"):
       bench_lib.int_list("m", bad)
+
+
+def test_stream_bandwidth_reads_the_probe_once_per_timing():
+  rate, nbytes = bench_lib.stream_bandwidth(nbytes=4 << 20, repeats=2)
+  assert nbytes == 4 << 20
+  assert 1e6 < rate < 1e13  # bytes/s: a real measurement, not a constant
