@@ -17,7 +17,6 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from model import kv_cache, kv_evict
@@ -121,9 +120,9 @@ class BlockLayout:
 
   def block_mask(self, kv_blocks: int) -> Bool[Array, "B H Qb Sb"]:
     """The active blocks as a boolean [B, H, Qb, kv_blocks] mask (both lists)."""
-    out = _list_mask(self.kv_num_blocks, self.kv_indices, kv_blocks)
+    out = kernel_masks.list_mask(self.kv_num_blocks, self.kv_indices, kv_blocks)
     if self.full_indices is not None:
-      out |= _list_mask(self.full_num_blocks, self.full_indices, kv_blocks)
+      out |= kernel_masks.list_mask(self.full_num_blocks, self.full_indices, kv_blocks)
     return out
 
   def to_dense(self, t: int, s: int) -> Bool[Array, "B H T S"]:
@@ -156,21 +155,9 @@ class BlockLayout:
     if self.full_indices is not None:
       lists.append(("full", self.full_num_blocks, self.full_indices))
     for name, num, idx in lists:
-      if isinstance(num, jax.core.Tracer) or isinstance(idx, jax.core.Tracer):
-        continue
-      num, idx = np.asarray(num), np.asarray(idx)
-      m = idx.shape[-1]
-      if num.size and (num.min() < 0 or num.max() > m):
-        raise ValueError(f"BlockLayout.{name}_num_blocks must lie in [0, {m}] (the list "
-                         f"length); got [{num.min()}, {num.max()}]")
-      active = np.arange(m) < num[..., None]
-      if np.any(active & ((idx < 0) | (idx >= sb))):
-        bad = idx[active & ((idx < 0) | (idx >= sb))][0]
-        raise ValueError(f"BlockLayout.{name}_indices holds block {bad}; valid: 0..{sb - 1} "
-                         f"({s} keys in blocks of {self.block_kv})")
-      if m > 1 and np.any(active[..., 1:] & (np.diff(idx, axis=-1) <= 0)):
-        raise ValueError(f"BlockLayout.{name}_indices must be strictly ascending within each "
-                         f"q block's first {name}_num_blocks entries")
+      if not isinstance(num, jax.core.Tracer) and not isinstance(idx, jax.core.Tracer):
+        kernel_masks.check_index_lists(f"BlockLayout.{name}", num, idx, sb,
+                                       f"({s} keys in blocks of {self.block_kv})")
 
 
 def _index_lists(mask_BHQS, length, name):
@@ -189,12 +176,6 @@ def _index_lists(mask_BHQS, length, name):
   # Active blocks first, each group in ascending block order (a stable sort on ~mask).
   order = jnp.argsort(~mask_BHQS, axis=-1, stable=True).astype(jnp.int32)
   return num, order[..., :length]
-
-
-def _list_mask(num_BHQ, idx_BHQM, kv_blocks):
-  active = jnp.arange(idx_BHQM.shape[-1]) < num_BHQ[..., None]
-  hit = (idx_BHQM[..., None] == jnp.arange(kv_blocks)) & active[..., None]
-  return jnp.any(hit, axis=-2)
 
 
 @jax.tree_util.register_dataclass

@@ -17,8 +17,6 @@ do not tile) is a ValueError before anything runs. `impl="reference"` forces the
 The environment variable SPARQ_PALLAS_INTERPRET=1 (or =tpu for `InterpretParams()`) asks
 the model's dispatch (`model.ops`, `model.attention` with impl "pallas") to interpret.
 
-`int8_matmul` / `pick_impl` are the older int8 per-channel entry point, kept for callers
-of that kernel (the TPU-only `int8_matmul` module).
 """
 
 from __future__ import annotations
@@ -29,11 +27,10 @@ import os
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import tpu as pltpu
-from jaxtyping import Array, Float, Int8
+from jaxtyping import Array, Float
 
 from pallas_kernels import block_sparse as bs
 from pallas_kernels import block_sparse_gpu, block_sparse_tpu, lowbit
-from pallas_kernels import int8_matmul as _k
 
 IMPLS = ("pallas", "reference")
 PLATFORMS = ("tpu", "gpu")
@@ -228,45 +225,3 @@ def lowbit_matmul_reference(x: Float[Array, "M K"], values: Array, scales: Float
   return lowbit.reference(x, values, scales, bits=bits, group_size=group_size, zeros=zeros,
                           act_bits=act_bits, interpret=interpret, platform=platform,
                           block_m=block_m, block_n=block_n, block_k=block_k)
-
-
-
-
-# --- The int8 per-channel kernel (TPU) --------------------------------------------------------
-
-
-def pick_impl(impl: str | None = None, interpret=None, backend: str | None = None):
-  """The (impl, interpret) `int8_matmul` runs: ("pallas", mode) or ("reference", None)."""
-  if impl is not None and impl not in IMPLS:
-    raise ValueError(f"impl={impl!r}; valid: None (auto), {', '.join(map(repr, IMPLS))}")
-  if interpret is None:
-    interpret = env_interpret()
-  elif not isinstance(interpret, (bool, pltpu.InterpretParams)):
-    raise ValueError(
-        f"interpret={interpret!r}; valid: None (read {ENV_INTERPRET}), True, False, "
-        "pltpu.InterpretParams()")
-  backend = backend or jax.default_backend()
-  if impl == "reference":
-    return "reference", None
-  if interpret is not False:
-    return "pallas", interpret
-  if backend == "tpu":
-    return "pallas", False
-  if impl is None:
-    return "reference", None
-  if backend == "cpu":
-    return "pallas", True  # interpretation is the only way Pallas runs on a CPU
-  raise ValueError(
-      f"impl='pallas' has no compiled kernel for backend {backend!r} (only 'tpu'); use "
-      "impl=None or 'reference' for the XLA path, or interpret=True")
-
-
-def int8_matmul(x: Float[Array, "M K"], w_int8: Int8[Array, "K N"], scale: Float[Array, "1 N"],
-                *, impl: str | None = None, interpret=None, bm: int | None = None,
-                bk: int | None = None, bn: int | None = None) -> Float[Array, "M N"]:
-  """x @ (w_int8 * scale) in x.dtype with f32 accumulation, on the path `pick_impl` selects."""
-  _k.check_args(x, w_int8, scale, bm, bk, bn)
-  impl, interpret = pick_impl(impl, interpret)
-  if impl == "reference":
-    return _k.reference(x, w_int8, scale)
-  return _k.int8_matmul(x, w_int8, scale, bm=bm, bk=bk, bn=bn, interpret=interpret)

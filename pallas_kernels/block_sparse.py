@@ -211,21 +211,8 @@ def check_layout(layout, b: int, t: int, s: int, h: int, kh: int) -> None:
     if not jnp.issubdtype(num.dtype, jnp.integer) or not jnp.issubdtype(idx.dtype, jnp.integer):
       raise ValueError(f"layout.{name} lists must be integer arrays; got {num.dtype}, "
                        f"{idx.dtype}")
-    if not _is_concrete(num, idx):
-      continue
-    num, idx = np.asarray(num), np.asarray(idx)
-    m = idx.shape[-1]
-    if num.size and (num.min() < 0 or num.max() > m):
-      raise ValueError(f"layout.{name}_num_blocks must lie in [0, {m}] (the list length); got "
-                       f"[{num.min()}, {num.max()}]")
-    active = np.arange(m) < num[..., None]
-    bad = active & ((idx < 0) | (idx >= sb))
-    if bad.any():
-      raise ValueError(f"layout.{name}_indices holds block {idx[bad][0]}; valid: 0..{sb - 1} "
-                       f"(S={s} in blocks of {bkv})")
-    if m > 1 and np.any(active[..., 1:] & (np.diff(idx, axis=-1) <= 0)):
-      raise ValueError(f"layout.{name}_indices must be strictly ascending within each q "
-                       f"block's first {name}_num_blocks entries")
+    if _is_concrete(num, idx):
+      check_index_lists(f"layout.{name}", num, idx, sb, f"(S={s} in blocks of {bkv})")
   if len(lists) == 2 and _is_concrete(*lists[0][1:], *lists[1][1:]):
     both = _np_list_mask(*lists[0][1:], sb) & _np_list_mask(*lists[1][1:], sb)
     if both.any():
@@ -234,6 +221,25 @@ def check_layout(layout, b: int, t: int, s: int, h: int, kh: int) -> None:
   if len(lists) == 2 and tuple(lists[0][1].shape[:2]) != tuple(lists[1][1].shape[:2]):
     raise ValueError(f"layout: partial lists {tuple(lists[0][1].shape)} and full lists "
                      f"{tuple(lists[1][1].shape)} must share batch and head axes")
+
+
+def check_index_lists(name: str, num, idx, n_blocks: int, blocks_are: str) -> None:
+  """ValueError unless concrete lists (`name`_num_blocks, `name`_indices) are valid: counts
+  in [0, list length], active indices in [0, n_blocks), strictly ascending. Shared by
+  `model.BlockLayout.check`; `blocks_are` says what the blocks tile (for the message)."""
+  num, idx = np.asarray(num), np.asarray(idx)
+  m = idx.shape[-1]
+  if num.size and (num.min() < 0 or num.max() > m):
+    raise ValueError(f"{name}_num_blocks must lie in [0, {m}] (the list length); got "
+                     f"[{num.min()}, {num.max()}]")
+  active = np.arange(m) < num[..., None]
+  bad = active & ((idx < 0) | (idx >= n_blocks))
+  if bad.any():
+    raise ValueError(f"{name}_indices holds block {idx[bad][0]}; valid: 0..{n_blocks - 1} "
+                     f"{blocks_are}")
+  if m > 1 and np.any(active[..., 1:] & (np.diff(idx, axis=-1) <= 0)):
+    raise ValueError(f"{name}_indices must be strictly ascending within each q block's first "
+                     f"{name.rpartition('.')[2]}_num_blocks entries")
 
 
 def check_mask(mask: Mask, b: int, t: int, s: int) -> None:
@@ -293,14 +299,15 @@ def element_mask(m: MaskArrays, qpos, kpos, qseg=None, kseg=None):
 
 
 def _np_list_mask(num, idx, n_blocks: int) -> np.ndarray:
-  """`_list_mask` in numpy, for checks on concrete lists (also while tracing around them)."""
+  """`list_mask` in numpy, for checks on concrete lists (also while tracing around them)."""
   num, idx = np.asarray(num), np.asarray(idx)
   active = np.arange(idx.shape[-1]) < num[..., None]
   hit = (idx[..., None] == np.arange(n_blocks)) & active[..., None]
   return hit.any(axis=-2)
 
 
-def _list_mask(num, idx, n_blocks: int) -> Bool[Array, "B H Qb Sb"]:
+def list_mask(num, idx, n_blocks: int) -> Bool[Array, "B H Qb Sb"]:
+  """The boolean [.., n_blocks] mask of index lists (counts [..], indices [.., M])."""
   num, idx = jnp.asarray(num), jnp.asarray(idx)
   active = jnp.arange(idx.shape[-1]) < num[..., None]
   hit = (idx[..., None] == jnp.arange(n_blocks)) & active[..., None]
@@ -310,10 +317,10 @@ def _list_mask(num, idx, n_blocks: int) -> Bool[Array, "B H Qb Sb"]:
 def block_masks(layout, s: int) -> tuple[Bool[Array, "B H Qb Sb"], Bool[Array, "B H Qb Sb"]]:
   """(partial, full) boolean block masks [B', Hl, Qb, Sb] of a layout."""
   sb = s // layout.block_kv
-  partial = _list_mask(layout.kv_num_blocks, layout.kv_indices, sb)
+  partial = list_mask(layout.kv_num_blocks, layout.kv_indices, sb)
   if getattr(layout, "full_num_blocks", None) is None:
     return partial, jnp.zeros_like(partial)
-  return partial, _list_mask(layout.full_num_blocks, layout.full_indices, sb)
+  return partial, list_mask(layout.full_num_blocks, layout.full_indices, sb)
 
 
 def _lists(mask, length: int | None = None):

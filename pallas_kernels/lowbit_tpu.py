@@ -3,7 +3,7 @@
 Called by `pallas_kernels.lowbit` with checked arguments and fitted blocks (see there for
 the semantics and the block rules). Grid (cdiv(M, bm), cdiv(N, bn), K / bk) with the K axis
 innermost and "arbitrary"; an f32 (W8A8: int32) accumulator in VMEM is zeroed on the first
-K step and scaled, cast and written on the last, as in `int8_matmul`.
+K step and scaled, cast and written on the last.
 
 Weight-only: each code tile is dequantized in VMEM to x.dtype and fed to the MXU; W never
 exists dequantized in HBM. Per channel, the scale factors out of the K sum and is applied

@@ -1,8 +1,9 @@
 r"""Benchmarks int8 weight-only matmul: python -m scripts.bench.matmul [--m=1,16,256].
 
 Times, for weight shapes taken from the presets, a float matmul (weights in
-x.dtype), the XLA int8 path (`pallas_kernels` reference: codes in the dot, scale
-on the f32 accumulator) and, on a TPU, the compiled Pallas kernel. It also
+x.dtype), the XLA int8 path (`model.ops.dot` on an int8 QArray: codes in the dot, scale
+on the f32 accumulator) and, on a TPU or GPU, the compiled Pallas kernel
+(`pallas_kernels.lowbit_matmul`). It also
 prints a memory/compute roofline estimate (no measurement) of float vs int8
 weights on H100 and TPU v5e, and saves everything to --out as JSON, with the
 table beside it as markdown (.md).
@@ -17,7 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from pallas_kernels import int8_matmul as k
+import model
+import pallas_kernels
+from model.qarray import QArray
 from scripts import cli_lib
 from scripts.bench import bench_lib
 
@@ -56,7 +59,8 @@ def run(ms: list[int], dtype: str, iters: int) -> list[dict]:
   backend = jax.default_backend()
   float_mm = jax.jit(lambda x, w: jnp.matmul(x, w, preferred_element_type=jnp.float32)
                      .astype(x.dtype))
-  int8_ref = jax.jit(k.reference)
+  int8_ref = jax.jit(lambda x, w, s: model.ops.dot(x, QArray(
+      values=w, scale=s, shape=w.shape, bits=8, fmt="int", dtype=x.dtype)))
   rows = []
   for name, K, N in SHAPES:
     w_int8 = jnp.asarray(rng.integers(-127, 128, size=(K, N)), jnp.int8)
@@ -67,8 +71,10 @@ def run(ms: list[int], dtype: str, iters: int) -> list[dict]:
       row = dict(shape=name, M=M, K=K, N=N, dtype=dtype,
                  float_s=time_fn(float_mm, x, w_float, iters=iters),
                  xla_int8_s=time_fn(int8_ref, x, w_int8, scale, iters=iters), pallas_s=None)
-      if backend == "tpu":
-        row["pallas_s"] = time_fn(k.int8_matmul, x, w_int8, scale, iters=iters)
+      if backend in ("tpu", "gpu"):
+        kernel = jax.jit(lambda x, w, s: pallas_kernels.lowbit_matmul(
+            x, w, s, bits=8, group_size=None))
+        row["pallas_s"] = time_fn(kernel, x, w_int8, scale, iters=iters)
       x_bytes = jnp.dtype(dtype).itemsize
       row["roofline_float_s"] = roofline(M, K, N, x_bytes, x_bytes)
       row["roofline_int8_s"] = roofline(M, K, N, x_bytes, 1)
@@ -94,9 +100,9 @@ def markdown(rows: list[dict], info: dict, command: str) -> str:
         f"({r['roofline_float_s'][h] / r['roofline_int8_s'][h]:.1f}x)" for h in hw)
     lines.append(f"| {r['shape']} | {r['M']} | {us(r['float_s'])} | {us(r['xla_int8_s'])} | "
                  f"{us(r['pallas_s'])} | {est} |")
-  if info["backend"] != "tpu":
-    lines += ["", "pallas: n/a (the compiled kernel is TPU-only; this backend runs the XLA "
-              "int8 path)."]
+  if info["backend"] not in ("tpu", "gpu"):
+    lines += ["", "pallas: n/a (no compiled kernel on this backend; `scripts/bench/kernels.py` "
+              "benchmarks every low-bit kernel on a GPU / TPU)."]
   return "\n".join(lines) + "\n"
 
 

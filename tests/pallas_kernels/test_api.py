@@ -1,4 +1,4 @@
-"""Backend picker and the model's impl="pallas" path end to end."""
+"""SPARQ_PALLAS_INTERPRET, the low-bit entry point's CPU fallback, and an int8 model forward."""
 
 import jax
 import jax.numpy as jnp
@@ -7,29 +7,17 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 import model
+import pallas_kernels
 from model.qarray import QArray
 from pallas_kernels import api
-from pallas_kernels import int8_matmul as k
+from tests.pallas_kernels.jaxpr_util import count_pallas_calls, pallas_calls_in
 
 
 @pytest.fixture(autouse=True)
 def _no_env(monkeypatch):
   monkeypatch.delenv(api.ENV_INTERPRET, raising=False)
-
-
-@pytest.mark.parametrize("backend,impl,interpret,expected", [
-    ("cpu", None, None, ("reference", None)),
-    ("cpu", None, False, ("reference", None)),
-    ("cpu", None, True, ("pallas", True)),
-    ("cpu", "pallas", None, ("pallas", True)),
-    ("cpu", "reference", True, ("reference", None)),
-    ("gpu", None, None, ("reference", None)),
-    ("gpu", None, True, ("pallas", True)),
-    ("tpu", None, None, ("pallas", False)),
-    ("tpu", "reference", None, ("reference", None)),
-])
-def test_pick_impl(backend, impl, interpret, expected):
-  assert api.pick_impl(impl, interpret, backend) == expected
+  yield
+  pltpu.reset_tpu_interpret_mode_state()
 
 
 @pytest.mark.parametrize("value,expected", [
@@ -37,58 +25,30 @@ def test_pick_impl(backend, impl, interpret, expected):
 def test_env_var_requests_interpret(monkeypatch, value, expected):
   monkeypatch.setenv(api.ENV_INTERPRET, value)
   assert api.env_interpret() == expected
-  impl = "pallas" if expected else "reference"
-  assert api.pick_impl(backend="cpu") == (impl, expected if expected else None)
-  # An explicit argument wins over the environment.
-  assert api.pick_impl(interpret=False, backend="cpu") == ("reference", None)
-
-
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(impl="triton"), "impl='triton'"),
-    (dict(interpret="yes"), "interpret='yes'"),
-    (dict(impl="pallas", backend="gpu"), "no compiled kernel for backend 'gpu'"),
-])
-def test_pick_impl_bad_input(kwargs, match):
-  with pytest.raises(ValueError, match=match):
-    api.pick_impl(**kwargs)
 
 
 def test_bad_env_var(monkeypatch):
   monkeypatch.setenv(api.ENV_INTERPRET, "maybe")
   with pytest.raises(ValueError, match="SPARQ_PALLAS_INTERPRET='maybe'"):
-    api.pick_impl(backend="cpu")
+    api.env_interpret()
 
 
-def _count_pallas_calls(jaxpr) -> int:
-  """pallas_call equations executed by a (closed) jaxpr, counting inside nested calls."""
-  jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
-  n = 0
-  for eqn in jaxpr.eqns:
-    n += eqn.primitive.name == "pallas_call"
-    for v in eqn.params.values():
-      for sub in v if isinstance(v, (tuple, list)) else (v,):
-        if hasattr(sub, "eqns") or hasattr(getattr(sub, "jaxpr", None), "eqns"):
-          n += _count_pallas_calls(sub)
-  return n
-
-
-def _pallas_calls_in(fn, *args) -> int:
-  return _count_pallas_calls(jax.make_jaxpr(fn)(*args))
-
-
-def test_api_on_cpu_runs_reference_unless_interpret_requested(monkeypatch):
+def test_lowbit_on_cpu_runs_reference_unless_interpreting():
   if jax.default_backend() != "cpu":
-    pytest.skip("CPU picker behaviour")
+    pytest.skip("CPU fallback")
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(1, 40)), jnp.float32)
   w = jnp.asarray(rng.integers(-128, 128, size=(40, 24)), jnp.int8)
   s = jnp.asarray(rng.uniform(0.01, 0.1, size=(1, 24)), jnp.float32)
-  assert _pallas_calls_in(lambda *a: api.int8_matmul(*a), x, w, s) == 0
-  np.testing.assert_array_equal(api.int8_matmul(x, w, s), k.reference(x, w, s))
-  monkeypatch.setenv(api.ENV_INTERPRET, "1")
-  assert _pallas_calls_in(lambda *a: api.int8_matmul(*a, bk=16, bn=16), x, w, s) == 1
-  out = api.int8_matmul(x, w, s, bk=16, bn=16)
-  np.testing.assert_allclose(out, k.reference(x, w, s), rtol=1e-5, atol=1e-5)
+  call = lambda **kw: (lambda *a: pallas_kernels.lowbit_matmul(*a, bits=8, group_size=None,
+                                                               **kw))
+  assert pallas_calls_in(call(), x, w, s) == 0
+  ref = pallas_kernels.lowbit_matmul_reference(x, w, s, bits=8, group_size=None)
+  np.testing.assert_array_equal(call()(x, w, s), ref)
+  assert pallas_calls_in(call(interpret=True), x, w, s) == 1
+  np.testing.assert_allclose(call(interpret=True)(x, w, s), ref, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="impl='fast'"):
+    call(impl="fast")(x, w, s)
 
 
 def quantize_per_channel(w_KN):
@@ -100,18 +60,12 @@ def quantize_per_channel(w_KN):
                 fmt="int", dtype=jnp.float32)
 
 
-def quantize_kernels(params):
-  def q(path, leaf):
-    name = jax.tree_util.keystr(path)
-    return quantize_per_channel(leaf) if "kernel" in name and leaf.ndim == 2 else leaf
-  return jax.tree_util.tree_map_with_path(q, params)
-
-
-def test_model_pallas_interpret_matches_xla(monkeypatch):
+def test_model_int8_pallas_interpret_matches_xla(monkeypatch):
   # Untied: the lm_head (N=259, not a multiple of anything) goes through the kernel too.
-  # One layer keeps the two compiles small.
   cfg = model.get_preset("test").replace(tie_embeddings=False, n_layers=1)
-  params = quantize_kernels(model.init(cfg, jax.random.key(0)))
+  params = jax.tree_util.tree_map_with_path(
+      lambda p, l: quantize_per_channel(l) if "kernel" in jax.tree_util.keystr(p) else l,
+      model.init(cfg, jax.random.key(0)))
   n_kernels = sum(isinstance(l, QArray) for l in jax.tree.leaves(
       params, is_leaf=lambda l: isinstance(l, QArray)))
   assert n_kernels == 7 * cfg.n_layers + 1
@@ -123,10 +77,8 @@ def test_model_pallas_interpret_matches_xla(monkeypatch):
     return jax.jit(lambda p, t: model.apply(c, p, t)[0]).trace(params, tokens)
 
   pallas, xla = traced("pallas"), traced("xla")
-  assert _count_pallas_calls(pallas.jaxpr) == n_kernels
-  assert _count_pallas_calls(xla.jaxpr) == 0
+  assert count_pallas_calls(pallas.jaxpr) == n_kernels
+  assert count_pallas_calls(xla.jaxpr) == 0
   got = pallas.lower().compile()(params, tokens)
   want = xla.lower().compile()(params, tokens)
-  assert np.isfinite(np.asarray(got)).all()
-  # Same f32 math, different summation order: logits are O(1).
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

@@ -16,6 +16,7 @@ import quant
 from model.qarray import QArray
 from pallas_kernels import api
 from pallas_kernels import block_sparse as bs
+from tests.pallas_kernels.jaxpr_util import count_pallas_calls
 
 
 @pytest.fixture(autouse=True)
@@ -97,18 +98,6 @@ def test_public_bad_input_is_an_error_before_launch():
     pallas_kernels.block_sparse_attention(q, k, v, impl="fast")
 
 
-def _count_pallas_calls(jaxpr) -> int:
-  jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
-  n = 0
-  for eqn in jaxpr.eqns:
-    n += eqn.primitive.name == "pallas_call"
-    for v in eqn.params.values():
-      for sub in v if isinstance(v, (tuple, list)) else (v,):
-        if hasattr(sub, "eqns") or hasattr(getattr(sub, "jaxpr", None), "eqns"):
-          n += _count_pallas_calls(sub)
-  return n
-
-
 @pytest.mark.parametrize("layout_kind", ["dense", "layout"])
 def test_model_attention_pallas_matches_xla_with_grads(monkeypatch, layout_kind):
   q, k, v = _qkv(b=2, t=32)
@@ -128,7 +117,7 @@ def test_model_attention_pallas_matches_xla_with_grads(monkeypatch, layout_kind)
       return jnp.sum(out * jnp.cos(out)) + 0.1 * jnp.sum(jnp.where(lse > -1e29, lse, 0.0)), out
     return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))
 
-  assert _count_pallas_calls(jax.make_jaxpr(loss("pallas"))(q, k, v)) >= 3  # fwd, dq, dkdv
+  assert count_pallas_calls(jax.make_jaxpr(loss("pallas"))(q, k, v)) >= 3  # fwd, dq, dkdv
   (_, got), got_g = loss("pallas")(q, k, v)
   (_, want), want_g = loss("xla")(q, k, v)
   np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
@@ -158,8 +147,8 @@ def test_model_forward_pallas_interpret_matches_xla(monkeypatch):
     return jax.jit(lambda p, t: model.apply(c, p, t)[0]).trace(params, tokens)
 
   pallas, xla = traced("pallas"), traced("xla")
-  assert _count_pallas_calls(pallas.jaxpr) == len(leaves) + cfg.n_layers
-  assert _count_pallas_calls(xla.jaxpr) == 0
+  assert count_pallas_calls(pallas.jaxpr) == len(leaves) + cfg.n_layers
+  assert count_pallas_calls(xla.jaxpr) == 0
   got = pallas.lower().compile()(params, tokens)
   want = xla.lower().compile()(params, tokens)
   assert np.isfinite(np.asarray(got)).all()
@@ -175,7 +164,7 @@ def test_w8a8_layer_pallas_matches_xla(monkeypatch):
   x = jax.random.normal(jax.random.key(1), (2, 5, 64), jnp.float32)
   monkeypatch.setenv(api.ENV_INTERPRET, "1")
   f = lambda impl: jax.jit(lambda x, w: model.ops.dot(x, w, impl=impl))
-  assert _count_pallas_calls(jax.make_jaxpr(f("pallas"))(x, leaf)) == 1
+  assert count_pallas_calls(jax.make_jaxpr(f("pallas"))(x, leaf)) == 1
   np.testing.assert_allclose(f("pallas")(x, leaf), f("xla")(x, leaf), rtol=1e-6, atol=1e-6)
 
 
@@ -199,7 +188,7 @@ def test_cached_decoding_pallas_matches_xla(monkeypatch, b, layout):
 
   got, step = run("pallas")
   cache = model.kv_cache.init_cache(cfg.replace(attn_impl="pallas"), b, 32, layout=layout)
-  assert _count_pallas_calls(jax.make_jaxpr(step)(params, tokens[:, :1], cache)) >= 1
+  assert count_pallas_calls(jax.make_jaxpr(step)(params, tokens[:, :1], cache)) >= 1
   want, _ = run("xla")
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
