@@ -36,9 +36,9 @@ _BITS = flags.DEFINE_list("bits", ["8", "4"], "Weight code widths (4, 8).")
 _GROUPS = flags.DEFINE_list("group_sizes", ["0", "128"],
                             "Group sizes; 0 = one scale per output channel.")
 _W8A8 = flags.DEFINE_bool("w8a8", True, "Also tune the W8A8 (int8 x int8) kernel.")
-_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "Activation dtype.")
+_DTYPE = flags.DEFINE_enum("x_dtype", "bfloat16", ["float32", "bfloat16"], "Activation dtype.")
 _ITERS = flags.DEFINE_integer("iters", 20, "Timed calls per candidate (median kept).")
-_OUT = flags.DEFINE_string("out", tuning.TABLE_PATH, "Block table to update (JSON).")
+_OUT = flags.DEFINE_string("table", tuning.TABLE_PATH, "Block table to update (JSON).")
 _INTERPRET = flags.DEFINE_bool("interpret", False,
                                "Interpret on the CPU (tests only; timings are meaningless).")
 _PLATFORM = flags.DEFINE_enum("platform", None, ["tpu", "gpu"],
@@ -156,7 +156,7 @@ def autotune(case_list, *, path: str, dtype: str = "bfloat16", iters: int = 20,
   (keeping its other entries) and writes it; returns the table."""
   if interpret and os.path.abspath(path) == os.path.abspath(tuning.TABLE_PATH):
     raise ValueError("--interpret timings are meaningless; they may not go into the committed "
-                     f"table {tuning.TABLE_PATH} (pass --out)")
+                     f"table {tuning.TABLE_PATH} (pass --table)")
   if interpret:
     platform = platform or "tpu"
   else:

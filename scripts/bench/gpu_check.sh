@@ -23,6 +23,6 @@ python3 -c "import jax; print(jax.__version__, jax.devices())" 2>&1 | tee "$OUT/
 timeout 240 python3 -m pytest -q -m "gpu" -p no:cacheprovider tests/pallas_kernels \
   --junitxml="$OUT/gpu_tests.xml" 2>&1 | tail -40 | tee "$OUT/gpu_tests.log"
 timeout 120 python3 -m scripts.bench.autotune_kernels --shapes=4096x4096,4096x14336 \
-  --m=1,16,128 --iters=10 --out="$OUT/tuned_blocks.json" 2>&1 | tail -20 | tee "$OUT/autotune.log"
+  --m=1,16,128 --iters=10 --table="$OUT/tuned_blocks.json" 2>&1 | tail -20 | tee "$OUT/autotune.log"
 timeout 300 python3 -m scripts.bench.kernels --iters=10 --out="$OUT/bench_kernels" 2>&1 \
   | tail -60 | tee "$OUT/bench.log"
