@@ -211,18 +211,13 @@ class AttentionMask:
     """The dense element mask (the layout aside), True where a query may attend to a key."""
     qp = self.q_positions if self.q_positions is not None else jnp.arange(t)[None]
     kp = self.kv_positions if self.kv_positions is not None else jnp.arange(s)[None]
-    qp, kp = qp[:, :, None], kp[:, None, :]
-    m = jnp.ones((batch, t, s), bool)
-    if self.causal:
-      m &= kp <= qp
-    if self.window is not None:
-      in_window = (qp - kp) < self.window
-      if self.sinks:
-        in_window |= kp < self.sinks
-      m &= in_window
+    qseg = kseg = None
     if self.q_segment_ids is not None:
       kseg = self.kv_segment_ids if self.kv_segment_ids is not None else self.q_segment_ids
-      m &= self.q_segment_ids[:, :, None] == kseg[:, None, :]
+      qseg, kseg = self.q_segment_ids[:, :, None], kseg[:, None, :]
+    # One definition of the element mask (causal, window + sinks, segments) for every path.
+    m = kernel_masks.element_mask(self, qp[:, :, None], kp[:, None, :], qseg, kseg)
+    m = jnp.broadcast_to(m, (batch, t, s))
     if self.kv_valid is not None:
       m &= self.kv_valid[:, None, :]
     return m

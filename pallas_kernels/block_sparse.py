@@ -284,7 +284,8 @@ def mask_arrays(mask: Mask, b: int, t: int, s: int) -> MaskArrays:
 
 
 def element_mask(m: MaskArrays, qpos, kpos, qseg=None, kseg=None):
-  """The element mask from broadcastable per-query / per-key vectors (kernels and reference)."""
+  """The element mask from broadcastable per-query / per-key vectors; `m` is anything with
+  `causal`, `window` and `sinks` (MaskArrays here, `model.AttentionMask` too)."""
   ok = jnp.ones(jnp.broadcast_shapes(qpos.shape, kpos.shape), bool)
   if m.causal:
     ok &= kpos <= qpos
