@@ -698,10 +698,15 @@ class Context:
   mask: AttentionMask
   cache: KVCache | PrefixCache | None = None
   prefix_mask: AttentionMask | None = None
+  # The new tokens' mask positions are consecutive (a row's defaulted positions, or row
+  # indices under packing): a key block after a query block is hidden from all of it, which
+  # lets `blocked_causal` skip it. False where the caller passed its own positions.
+  consecutive: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
 
 def context(b: int, t: int, *, positions=None, segment_ids=None, cache=None) -> Context:
   """The Context of a forward over [b, t] tokens (positions default to the cache's next)."""
+  positions_given = positions
   if cache is None:
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
@@ -712,7 +717,7 @@ def context(b: int, t: int, *, positions=None, segment_ids=None, cache=None) -> 
       # which is monotone across segments.
       idx_BT = jnp.broadcast_to(jnp.arange(t)[None], (b, t))
       mask = mask.replace(q_positions=idx_BT, kv_positions=idx_BT)
-    return Context(positions, mask)
+    return Context(positions, mask, consecutive=positions_given is None or segment_ids is not None)
   if segment_ids is not None:
     raise ValueError("segment_ids (packed rows) cannot be combined with a KV cache")
   if cache.batch != b:
@@ -728,7 +733,7 @@ def context(b: int, t: int, *, positions=None, segment_ids=None, cache=None) -> 
     s = cache.max_len
     mask = AttentionMask(q_positions=positions,
                          kv_positions=jnp.broadcast_to(jnp.arange(s)[None], (b, s)))
-    return Context(positions, mask, cache)
+    return Context(positions, mask, cache, consecutive=positions_given is None)
   if not isinstance(cache, PrefixCache):
     raise ValueError(f"cache must be a KVCache or a PrefixCache, got {type(cache).__name__}")
   bp = cache.prefix.batch
@@ -755,6 +760,8 @@ def attend(ctx: Context, layer: int, q_BTHD: Float[Array, "B T H Dh"],
   """One layer's attention of the new tokens; writes their k, v into `ctx.cache`."""
   cache = ctx.cache
   if cache is None:
+    if _blocked(ctx, q_BTHD, impl, qk):
+      return blocked_causal(q_BTHD, k_BTKD, v_BTKD, ctx.mask), ctx
     return attention(q_BTHD, k_BTKD, v_BTKD, mask=ctx.mask, impl=impl, qk=qk), ctx
   if isinstance(cache, EvictingCache):
     out, cache = kv_evict.attend(cache, layer, ctx.positions, q_BTHD, k_BTKD, v_BTKD, impl=impl,
@@ -771,9 +778,14 @@ def attend(ctx: Context, layer: int, q_BTHD: Float[Array, "B T H Dh"],
                                    impl=impl, return_lse=True, qk=qk)
     out, _ = merge_partials(out_p.reshape(b, t, h, dh), lse_p.reshape(b, t, h), out_s, lse_s)
     return out, dataclasses.replace(ctx, cache=dataclasses.replace(cache, suffix=suffix))
-  split = cache.batch == 1 and q_BTHD.shape[1] <= SPLIT_MAX_TOKENS
-  if split:
+  prefill = (_blocked(ctx, q_BTHD, impl, qk) and cache.quant is None and cache.select is None
+             and ctx.mask.kv_valid is None)
+  split = prefill or (cache.batch == 1 and q_BTHD.shape[1] <= SPLIT_MAX_TOKENS)
+  if prefill:
+    out = _blocked_prefill(ctx, layer, q_BTHD, k_BTKD, v_BTKD)
+  elif split:
     out = _attend_then_write(ctx, layer, q_BTHD, k_BTKD, v_BTKD, impl, qk)
+  if split:
     # The writes must come after the reads for XLA to update the cache in place: a data
     # dependency on the attention output orders them (0 * finite = 0).
     dep = 0 * out[:1, :1, :1, :1].astype(k_BTKD.dtype)
@@ -816,6 +828,77 @@ def _attend_then_write(ctx: Context, layer, q_BTHD, k_BTKD, v_BTKD, impl, qk):
                                  True, fmt=cache.quant, k_scale=enc["k_scale"],
                                  v_scale=enc["v_scale"], k_mean=enc.get("k_mean"),
                                  int_qk=qk == "int8")
+  return merge_partials(out_c, lse_c, out_n, lse_n)[0]
+
+
+# Long forwards (prefill, long-context eval) attend in query blocks of this many tokens,
+# each to the keys up to its end only (`blocked_causal`): no T x T score matrix, and the
+# hidden upper triangle is never computed.
+BLOCKED_MIN_TOKENS = 512
+BLOCKED_BLOCK = 128
+
+
+def _blocked(ctx: Context, q_BTHD, impl: str, qk) -> bool:
+  t = q_BTHD.shape[1]
+  return (ctx.consecutive and impl == "xla" and qk is None and ctx.mask.layout is None
+          and ctx.mask.causal and t >= BLOCKED_MIN_TOKENS and t % BLOCKED_BLOCK == 0)
+
+
+def blocked_causal(q_BTHD: Float[Array, "B T H Dh"], k_BTKD: Float[Array, "B T K Dh"],
+                   v_BTKD: Float[Array, "B T K Dh"], mask: AttentionMask, *,
+                   block: int | None = None, return_lse: bool = False):
+  """Causal attention of T tokens to themselves, one query block at a time.
+
+  Query block i attends to keys [0, (i + 1) * block) only, with `mask`'s element mask
+  (causal, window + sinks, segments, kv_valid) applied inside; the keys after the block are
+  skipped, which is exact when the mask's positions increase along each row (the caller's
+  `Context.consecutive`). Peak scores memory is [B, H, block, T] instead of [B, H, T, T],
+  and the work is the lower triangle plus the diagonal blocks. block: default
+  BLOCKED_BLOCK.
+  """
+  t = q_BTHD.shape[1]
+  block = BLOCKED_BLOCK if block is None else block
+  if t % block:
+    raise ValueError(f"blocked_causal: T={t} is not a multiple of block={block}")
+  cut = lambda x, lo, hi: None if x is None else x[:, lo:hi]
+  outs, lses = [], []
+  for lo in range(0, t, block):
+    hi = lo + block
+    m = mask.replace(q_positions=cut(mask.q_positions, lo, hi),
+                     kv_positions=cut(mask.kv_positions, 0, hi),
+                     q_segment_ids=cut(mask.q_segment_ids, lo, hi),
+                     kv_segment_ids=cut(mask.kv_segment_ids, 0, hi),
+                     kv_valid=cut(mask.kv_valid, 0, hi))
+    if mask.q_segment_ids is not None and mask.kv_segment_ids is None:
+      m = m.replace(kv_segment_ids=mask.q_segment_ids[:, :hi])
+    o, l = attention(q_BTHD[:, lo:hi], k_BTKD[:, :hi], v_BTKD[:, :hi], mask=m, impl="xla",
+                     return_lse=True)
+    outs.append(o)
+    lses.append(l)
+  out, lse = jnp.concatenate(outs, axis=1), jnp.concatenate(lses, axis=1)
+  return (out, lse) if return_lse else out
+
+
+def _blocked_prefill(ctx: Context, layer, q_BTHD, k_BTKD, v_BTKD):
+  """A long cached forward: the cache's slots < length (skipped at run time when every row
+  is empty, as in a first prefill), merged with `blocked_causal` over the new tokens; the
+  caller writes the new k, v after these reads, so the cache is updated in place."""
+  cache, mask = ctx.cache, ctx.mask
+  b, t, h, _ = q_BTHD.shape
+  s = cache.max_len
+  old_mask = mask.replace(kv_valid=jnp.arange(s)[None] < cache.lengths[:, None])
+
+  def old(q):
+    return cache_attention(q, cache, layer, mask=old_mask, impl="xla", return_lse=True)
+
+  def empty(q):
+    return jnp.zeros_like(q), jnp.full((b, t, h), kernel_masks.NEG_INF, jnp.float32)
+
+  out_c, lse_c = jax.lax.cond(jnp.any(cache.lengths > 0), old, empty, q_BTHD)
+  slots_BT = cache.positions(t)
+  new_mask = mask.replace(kv_positions=slots_BT)
+  out_n, lse_n = blocked_causal(q_BTHD, k_BTKD.astype(q_BTHD.dtype),
+                                v_BTKD.astype(q_BTHD.dtype), new_mask, return_lse=True)
   return merge_partials(out_c, lse_c, out_n, lse_n)[0]
 
 

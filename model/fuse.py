@@ -1,8 +1,12 @@
 """Fused decode-time projections: q / k / v -> one `qkv` kernel, gate / up -> one `gate_up`.
 
-A batch-1 decode step is a chain of matrix-vector products; three small q / k / v matvecs
-(and two gate / up ones) read their weights at a fraction of the machine's streaming
-bandwidth, one wide matvec reads the same bytes faster. `fuse_projections` is the
+A batch-1 decode step is a chain of matrix-vector products; where each dot runs alone
+on the machine, three small q / k / v matvecs (and two gate / up ones) read their weights
+below streaming bandwidth and one wide matvec reads the same bytes faster. Where the
+backend runs independent dots concurrently the separate kernels can be faster: on
+XLA:CPU with 2 cores a one-row dot runs on one core, and the separate q / k / v and
+gate / up dots share both (measured in `docs/bench_decode_dots.md`: there fused is
+slower, so `scripts.bench.decode` decodes unfused by default). `fuse_projections` is the
 `Params -> Params` transform that concatenates, per layer, the kernels (and q / k / v
 biases) along the output axis:
 

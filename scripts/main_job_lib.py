@@ -28,6 +28,7 @@ from scripts import (
   qat_lib,
   quantize_lib,
   search_lib,
+  speculative_lib,
   train_lib,
 )
 
@@ -119,7 +120,12 @@ def _speculative(cfg, params, config, workdir: str) -> dict:
   alpha = sum(st.accepted for st in stats) / max(tested, 1)
   calls = sum(st.target_calls for st in stats)
   mean_gamma = float(np.mean([st.mean_gamma for st in stats]))
+  # What one call costs (ms, batch 1): whether a draft can pay at this target's size.
+  calls_ms = {"target_step": speculative_lib.forward_ms(cfg, params, 1),
+              "target_verify": speculative_lib.forward_ms(cfg, params, sp.gamma + 1),
+              "draft_step": speculative_lib.forward_ms(draft.model_cfg, draft.params, 1)}
   return {"draft_params": draft.summary["params"], "draft_val_bpb": draft.summary["val_bpb"],
+          "calls_ms": calls_ms, "target_params": model.count_params(params),
           "gamma": sp.gamma, "schedule": sp.schedule, "prompts": len(prompts),
           "tokens": tokens, "greedy_tokens_per_s": tokens / times["greedy"],
           "speculative_tokens_per_s": tokens / times["speculative"],
@@ -394,6 +400,14 @@ def format_report(report: dict, config) -> str:
         f"(closed form {sp['expected_tokens_per_call']:.2f}); output == greedy: "
         f"{sp['equals_greedy']}",
     ]
+    c = sp.get("calls_ms")
+    if c and sp["speedup"] < 1:
+      lines.append(
+          f"  -> no speedup at this scale: the {sp['target_params']:,}-param target is "
+          f"per-op-overhead bound (a step {c['target_step']:.3f} ms, a {sp['gamma'] + 1}-token "
+          f"verify {c['target_verify']:.3f} ms, a draft step {c['draft_step']:.3f} ms), so "
+          f"drafting {sp['gamma']} tokens costs about what it saves; on a bandwidth-bound "
+          "12.7M target speculative decoding is 1.7-2.6x greedy (docs/bench_speculative.md)")
   if "search" in report:
     se = report["search"]
     lines += [

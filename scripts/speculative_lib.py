@@ -11,7 +11,12 @@ Settings come in `Options.extra`:
 from __future__ import annotations
 
 import os
+import time
 
+import jax
+import jax.numpy as jnp
+
+import model
 from decoding import early_exit, speculative
 from scripts import decode_lib
 
@@ -59,3 +64,29 @@ def run_speculative(run: decode_lib.Run, prompts: list[list[int]],
                                          target_tokenizer=run.tokenizer,
                                          draft_tokenizer=d.tokenizer, **common)
   return decode_lib.rows(run, out, stats=out.stats.to_dict())
+
+
+def forward_ms(cfg, params, t: int, exit_layer: int | None = None, steps: int = 32,
+               ctx: int = 192, repeats: int = 5) -> float:
+  """Mean ms of one cached forward over t tokens at batch 1 after `ctx` cached tokens (the
+  best of `repeats` jitted loops of `steps` forwards, compile excluded): what a target
+  verify (t = gamma + 1), a target step or a draft step costs. exit_layer: the target's
+  first layers and its early-exit head (`decoding.early_exit.ExitDecoder`)."""
+  step = model.Decoder(cfg) if exit_layer is None else early_exit.ExitDecoder(cfg, exit_layer)
+
+  @jax.jit
+  def loop(params, cache):
+    def body(_, carry):
+      cache, tok = carry
+      logits, cache = step(params, jnp.broadcast_to(tok, (1, t)), cache)
+      return cache.replace(lengths=cache.lengths - t + 1), jnp.argmax(logits[:, -1:], -1)
+    return jax.lax.fori_loop(0, steps, body, (cache, jnp.zeros((1, 1), jnp.int32)))[1]
+
+  cache = step.init_cache(1, min(512, cfg.max_seq_len)).with_lengths(jnp.array([ctx]))
+  jax.block_until_ready(loop(params, cache))  # compile
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(loop(params, cache))
+    best = min(best, time.perf_counter() - t0)
+  return 1e3 * best / steps

@@ -38,12 +38,15 @@ _HF_THREADS = flags.DEFINE_list(
     "torch thread counts to try; HF's best is reported (2 threads collapse on a busy machine).")
 _REPEATS = flags.DEFINE_integer("repeats", 1, "Timed runs per point (the best is kept).")
 _SPLIT = flags.DEFINE_bool("split_prefill", True, "Also time 1-token runs (decode-only rate).")
-_FUSED = flags.DEFINE_bool("fused", True, "sparq decodes with fused q/k/v and gate/up kernels "
-                           "(`model.fuse_projections`).")
-_UNFUSED = flags.DEFINE_bool("compare_unfused", False, "Also time sparq with separate kernels.")
+_FUSED = flags.DEFINE_bool(
+    "fused", False, "sparq decodes with fused q/k/v and gate/up kernels (`model.fuse_projections`; "
+    "slower on 2-core XLA:CPU, where independent small dots run concurrently: "
+    "docs/bench_decode_dots.md).")
+_OTHER = flags.DEFINE_bool("compare_layouts", False,
+                           "Also time sparq with the other layout (fused / separate kernels).")
 _OUT = flags.DEFINE_string("output_dir", "docs", "Where bench_decode.{json,md} go.")
 FLAG_NAMES = ("batch", "prompt_len", "new_tokens", "preset", "dtype", "hf", "hf_threads",
-              "repeats", "split_prefill", "fused", "compare_unfused", "output_dir")
+              "repeats", "split_prefill", "fused", "compare_layouts", "output_dir")
 
 
 def _sparq_runner(cfg, params, fused: bool):
@@ -149,11 +152,13 @@ def _table(results, meta, command: str) -> str:
     lines.append(f"| {r['prompt_len']} | {r['batch']} | {f(s, 'tok_s')} | {f(h, 'tok_s')} | "
                  f"{ratio('tok_s')} | {f(s, 'decode_tok_s')} | {f(h, 'decode_tok_s')} | "
                  f"{ratio('decode_tok_s')} | {step} | {h.get('threads', '-')} | {agree} |")
-    u = r.get("sparq-unfused")
+    other = "sparq-unfused" if meta["fused"] else "sparq-fused"
+    u = r.get(other)
     if u:
+      tag = f"({other[6:]})"
       ustep = f"{u['step_vs_bound']:.2f}" if "step_vs_bound" in u else "-"
-      lines.append(f"| {r['prompt_len']} | {r['batch']} | {f(u, 'tok_s')} (unfused) | | | "
-                   f"{f(u, 'decode_tok_s')} (unfused) | | | {ustep} | | |")
+      lines.append(f"| {r['prompt_len']} | {r['batch']} | {f(u, 'tok_s')} {tag} | | | "
+                   f"{f(u, 'decode_tok_s')} {tag} | | | {ustep} | | |")
   lines += ["", "tok/s = batch x new tokens / wall time, prefill included; decode tok/s = "
             "batch x (new - 1) / (t(new) - t(1)). HF: the best of torch thread counts "
             f"{meta.get('hf_threads', '-')}. Step / bound: one batch-1 decode step "
@@ -178,8 +183,9 @@ def main():
   meta["stream_bytes_per_s"], meta["stream_probe_bytes"] = bench_lib.stream_bandwidth()
   print(f"streaming bandwidth: {meta['stream_bytes_per_s'] / 1e9:.1f} GB/s")
   runners = {"sparq": _sparq_runner(cfg, params, _FUSED.value)}
-  if _UNFUSED.value:
-    runners["sparq-unfused"] = _sparq_runner(cfg, params, False)
+  if _OTHER.value:
+    other = "sparq-unfused" if _FUSED.value else "sparq-fused"
+    runners[other] = _sparq_runner(cfg, params, not _FUSED.value)
   if _HF.value:
     import torch
     import transformers
@@ -199,7 +205,7 @@ def main():
       r = dict(prompt_len=p, batch=b, **_point(runners, prompts, _NEW.value, _REPEATS.value,
                                                _SPLIT.value))
       bound = meta["weight_bytes"] / meta["stream_bytes_per_s"]
-      for name in ("sparq", "sparq-unfused"):
+      for name in ("sparq", "sparq-unfused", "sparq-fused"):
         if b == 1 and "decode_tok_s" in r.get(name, {}):
           r[name]["step_vs_bound"] = 1 / r[name]["decode_tok_s"] / bound
       results.append(r)

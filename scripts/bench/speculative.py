@@ -19,15 +19,13 @@ import functools
 import json
 import os
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
 import decoding
 import model
 from decoding import early_exit, speculative
-from scripts import checkpoint_lib, cli_lib, data_lib, eval_lib
+from scripts import checkpoint_lib, cli_lib, data_lib, eval_lib, speculative_lib
 from scripts.bench import bench_lib
 
 _TARGET = flags.DEFINE_string("target_workdir", None, "Trained target checkpoint workdir.")
@@ -48,24 +46,6 @@ def _prompts(workdir: str, n: int, length: int) -> list[list[int]]:
   stream = data_lib.load_split(eval_lib.data_config_for(workdir), "val")
   starts = np.linspace(0, len(stream) - length - 1, n).astype(int)
   return [stream.tokens[s : s + length].astype(int).tolist() for s in starts]
-
-
-def _forward_ms(cfg, params, t: int, exit_layer=None, steps: int = 32, ctx: int = 192) -> float:
-  """Mean time of one cached forward over t tokens (batch 1), from a jitted loop."""
-  step = model.Decoder(cfg) if exit_layer is None else early_exit.ExitDecoder(cfg, exit_layer)
-
-  @jax.jit
-  def loop(params, cache):
-    def body(_, carry):
-      cache, tok = carry
-      logits, cache = step(params, jnp.broadcast_to(tok, (1, t)), cache)
-      return cache.replace(lengths=cache.lengths - t + 1), jnp.argmax(logits[:, -1:], -1)
-    return jax.lax.fori_loop(0, steps, body, (cache, jnp.zeros((1, 1), jnp.int32)))[1]
-
-  cache = step.init_cache(1, min(512, cfg.max_seq_len)).with_lengths(jnp.array([ctx]))
-  jax.block_until_ready(loop(params, cache))  # compile
-  best, _ = bench_lib.best_of(lambda: loop(params, cache), 5)
-  return 1e3 * best / steps
 
 
 def run(target_workdir, draft_workdir, exit_workdir, *, n_prompts, prompt_len, max_new, gammas,
@@ -115,11 +95,12 @@ def run(target_workdir, draft_workdir, exit_workdir, *, n_prompts, prompt_len, m
       row["expected_tokens_per_call"] = speculative.expected_tokens_per_call(
           row["alpha"], row["mean_gamma"])
     rows.append(row)
-  forward = {"target T=1": _forward_ms(tcfg, tp, 1), "draft T=1": _forward_ms(dcfg, dp, 1)}
+  fwd_ms = speculative_lib.forward_ms
+  forward = {"target T=1": fwd_ms(tcfg, tp, 1), "draft T=1": fwd_ms(dcfg, dp, 1)}
   for g in gammas:
-    forward[f"target T={g + 1}"] = _forward_ms(tcfg, tp, g + 1)
+    forward[f"target T={g + 1}"] = fwd_ms(tcfg, tp, g + 1)
   if exit_layer:
-    forward[f"exit draft (layers < {exit_layer}) T=1"] = _forward_ms(tcfg, ep, 1, exit_layer)
+    forward[f"exit draft (layers < {exit_layer}) T=1"] = fwd_ms(tcfg, ep, 1, exit_layer)
   if exit_workdir:
     # Heads trained by the one trainer keep val metrics in summary.json; older runs in meta.
     m = {**_summary(exit_workdir), **exit_meta}

@@ -42,6 +42,8 @@ def test_main_job_reports_every_stage(tmp_path):
   sp = report["speculative"]
   assert sp["equals_greedy"] and 0.0 <= sp["alpha"] <= 1.0 and sp["tokens"] > 0
   assert sp["tokens_per_target_call"] >= 1.0 and sp["speedup"] > 0
+  assert set(sp["calls_ms"]) == {"target_step", "target_verify", "draft_step"}
+  assert all(v > 0 for v in sp["calls_ms"].values())
   at = report["attention"]
   assert abs(at["sparse_bpb"] - at["dense_bpb"]) < 1e-4 and at["kv_read_fraction"] == 1.0
   assert at["sparse_tokens"] == at["dense_tokens"] and at["same_prefix_tokens"] == 4
@@ -50,6 +52,8 @@ def test_main_job_reports_every_stage(tmp_path):
   assert os.path.isdir(tmp_path / "draft" / "checkpoints")
   text = main_job_lib.format_report(report, config)
   assert "speculative decoding" in text and "output == greedy: True" in text
+  # A slowdown is labelled as such, never shown as a result.
+  assert ("no speedup at this scale" in text) == (sp["speedup"] < 1)
   assert "sparse attention (topk:k=4:block=8" in text
   se = report["search"]
   assert set(se["methods"]) == {"one sample", "best_of_n", "beam_search:beam_width=2"}
