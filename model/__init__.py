@@ -11,7 +11,7 @@ from model.attention import (
 from model.calibration import Calibration, KernelStats, calibrate, calibrate_sequential
 from model.config import PRESETS, ModelConfig, RopeScaling, get_preset
 from model.decoder import Decoder
-from model.fuse import fuse_projections
+from model.fuse import decode_params, fuse_projections
 from model.kv_cache import KVCache, PrefixCache, init_cache
 from model.kv_evict import EvictingCache
 from model.nm_array import NMArray, compress_nm, is_nmarray
@@ -36,8 +36,8 @@ __all__ = [
     "ModelConfig", "NMArray", "PRESETS",
     "PrefixCache", "QArray", "RopeScaling", "Tokenizer", "Transformer", "apply", "attention",
     "cache_attention", "cache_layout", "compress_nm", "count_params", "decompress_nm", "flatten",
-    "fuse_projections", "get_preset", "get_tokenizer", "hidden_states", "init", "init_cache",
-    "is_nmarray",
+    "decode_params", "fuse_projections", "get_preset", "get_tokenizer", "hidden_states", "init",
+    "init_cache", "is_nmarray",
     "is_weight_leaf", "match_rules", "merge_partials", "param_shapes", "path_str", "tree_nbytes",
     "tree_size", "unembed",
 ]

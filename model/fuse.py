@@ -32,6 +32,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
+from model import ops
 from model.nm_array import NMArray
 from model.qarray import QArray
 
@@ -131,3 +132,22 @@ def fuse_projections(params):
       layer[module] = sub
     out[name] = layer
   return out
+
+
+def decode_params(cfg, params, *, rows: int, layout: str | None = None, backend: str | None = None):
+  """(cfg, params) for decoding `rows` rows in `layout` (None: `ops.pick_projection_layout`).
+
+  "fused" returns `cfg.replace(fused_projections=True)` and `fuse_projections(params)`
+  (built once: call this outside the decode loop); "separate" returns them unchanged.
+  """
+  layout = layout or ops.pick_projection_layout(rows, backend)
+  if layout not in ops.PROJECTION_LAYOUTS:
+    raise ValueError(f"layout={layout!r}; valid: {ops.PROJECTION_LAYOUTS} or None")
+  if cfg.fused_projections:
+    if layout == "separate":
+      raise ValueError("layout='separate' but cfg.fused_projections=True: these params are "
+                       "already fused; pass the checkpoint's separate kernels")
+    return cfg, params
+  if layout == "separate":
+    return cfg, params
+  return cfg.replace(fused_projections=True), fuse_projections(params)

@@ -135,6 +135,28 @@ def pick_weight_only_path(rows: int, shape: tuple[int, int], dtype,
   return "blocked" if backend == "cpu" and big and block_rows(k, n, dtype) < k else "codes"
 
 
+# Decode-step projection layouts (see `model.fuse`): "separate" keeps the checkpoint's
+# q / k / v and gate / up kernels, "fused" concatenates each group into one kernel.
+PROJECTION_LAYOUTS = ("separate", "fused")
+
+
+def pick_projection_layout(rows: int, backend: str | None = None) -> str:
+  """The projection layout a decode step of `rows` rows runs fastest with on `backend`.
+
+  XLA:CPU (2 shared cores, bench-25m's 100.7 MB of projection weights, 50-step jitted
+  loops, docs/bench_decode_dots.md): "separate" over "fused" 1.11x / 1.09x / 1.15x at
+  M = 1 / 8 / 32, since a small-M dot runs on one core and the independent separate dots
+  share both; end to end (docs/bench_decode.md) unfused decoding was faster too. Other
+  backends run one dot on the whole device, where one wide dot reads its weights faster
+  than several narrow ones and launches fewer kernels, so they take "fused" (not measured
+  here: no accelerator was available).
+  """
+  if not isinstance(rows, int) or rows < 1:
+    raise ValueError(f"rows={rows!r}; valid: an int >= 1")
+  backend = backend or jax.default_backend()
+  return "separate" if backend == "cpu" else "fused"
+
+
 def block_rows(k: int, n: int, dtype) -> int:
   """Rows per "blocked" block: the largest power of two <= k whose converted copy fits
   BLOCK_BYTES."""

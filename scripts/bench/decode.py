@@ -38,22 +38,22 @@ _HF_THREADS = flags.DEFINE_list(
     "torch thread counts to try; HF's best is reported (2 threads collapse on a busy machine).")
 _REPEATS = flags.DEFINE_integer("repeats", 1, "Timed runs per point (the best is kept).")
 _SPLIT = flags.DEFINE_bool("split_prefill", True, "Also time 1-token runs (decode-only rate).")
-_FUSED = flags.DEFINE_bool(
-    "fused", False, "sparq decodes with fused q/k/v and gate/up kernels (`model.fuse_projections`; "
-    "slower on 2-core XLA:CPU, where independent small dots run concurrently: "
-    "docs/bench_decode_dots.md).")
+_LAYOUT = flags.DEFINE_enum(
+    "layout", "auto", ("auto",) + model.ops.PROJECTION_LAYOUTS,
+    "sparq's q/k/v and gate/up kernels: separate, fused (`model.fuse_projections`) or auto "
+    "(`model.ops.pick_projection_layout`: separate on XLA:CPU, where independent small dots "
+    "run concurrently, docs/bench_decode_dots.md; fused elsewhere).")
 _OTHER = flags.DEFINE_bool("compare_layouts", False,
                            "Also time sparq with the other layout (fused / separate kernels).")
 _OUT = flags.DEFINE_string("output_dir", "docs", "Where bench_decode.{json,md} go.")
 FLAG_NAMES = ("batch", "prompt_len", "new_tokens", "preset", "dtype", "hf", "hf_threads",
-              "repeats", "split_prefill", "fused", "compare_layouts", "output_dir")
+              "repeats", "split_prefill", "layout", "compare_layouts", "output_dir")
 
 
-def _sparq_runner(cfg, params, fused: bool):
+def _sparq_runner(cfg, params, layout: str):
   """decoding.generate; the warm-up compiles both shapes timed later (new and 1 tokens).
-  fused: the step reads fused q/k/v and gate/up kernels, built once here."""
-  if fused:
-    cfg, params = cfg.replace(fused_projections=True), model.fuse_projections(params)
+  layout: "fused" builds fused q/k/v and gate/up kernels once here (`model.decode_params`)."""
+  cfg, params = model.decode_params(cfg, params, rows=1, layout=layout)
   step_fn = model.Decoder(cfg)
 
   def run(prompts, new):
@@ -178,14 +178,18 @@ def main():
                      f"max_seq_len={cfg.max_seq_len}")
   params = model.init(cfg, jax.random.key(0))
   meta = dict(**bench_lib.machine_info(), preset=_PRESET.value, dtype=_DTYPE.value,
-              params=model.count_params(params), new_tokens=_NEW.value, fused=_FUSED.value,
+              params=model.count_params(params), new_tokens=_NEW.value,
               weight_bytes=model.tree_nbytes(params))
   meta["stream_bytes_per_s"], meta["stream_probe_bytes"] = bench_lib.stream_bandwidth()
   print(f"streaming bandwidth: {meta['stream_bytes_per_s'] / 1e9:.1f} GB/s")
-  runners = {"sparq": _sparq_runner(cfg, params, _FUSED.value)}
+  layout = _LAYOUT.value
+  if layout == "auto":  # the pick does not depend on the row count today
+    layout = model.ops.pick_projection_layout(min(batches))
+  meta.update(layout=layout, layout_flag=_LAYOUT.value, fused=layout == "fused")
+  runners = {"sparq": _sparq_runner(cfg, params, layout)}
   if _OTHER.value:
-    other = "sparq-unfused" if _FUSED.value else "sparq-fused"
-    runners[other] = _sparq_runner(cfg, params, not _FUSED.value)
+    other = "sparq-unfused" if layout == "fused" else "sparq-fused"
+    runners[other] = _sparq_runner(cfg, params, "separate" if layout == "fused" else "fused")
   if _HF.value:
     import torch
     import transformers

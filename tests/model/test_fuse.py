@@ -125,3 +125,24 @@ def test_fuse_errors():
     model.fuse.concat_columns(mixed, "layers_0/attn/kernel")
   with pytest.raises(ValueError, match="cannot fuse leaves of types"):
     model.fuse.concat_columns([mixed[0], jnp.ones((32, 8))], "x")
+
+
+def test_decode_params_follows_the_measured_pick_per_backend():
+  cfg = FAMILIES["gqa"]
+  params = model.init(cfg, jax.random.key(0))
+  assert model.ops.pick_projection_layout(1, "cpu") == "separate"
+  assert model.ops.pick_projection_layout(32, "gpu") == "fused"
+  same_cfg, same = model.decode_params(cfg, params, rows=8, backend="cpu")
+  assert same_cfg is cfg and same is params
+  fcfg, fused = model.decode_params(cfg, params, rows=8, backend="gpu")
+  assert fcfg.fused_projections and "qkv" in fused["layers_0"]["attn"]
+  tokens = jnp.arange(12, dtype=jnp.int32).reshape(2, 6) % cfg.vocab_size
+  np.testing.assert_allclose(model.apply(fcfg, fused, tokens)[0],
+                             model.apply(cfg, params, tokens)[0], rtol=2e-5, atol=2e-5)
+  assert model.decode_params(fcfg, fused, rows=1, layout="fused")[1] is fused
+  with pytest.raises(ValueError, match="already fused"):
+    model.decode_params(fcfg, fused, rows=1, layout="separate")
+  with pytest.raises(ValueError, match="layout='halves'"):
+    model.decode_params(cfg, params, rows=1, layout="halves")
+  with pytest.raises(ValueError, match="rows=0"):
+    model.ops.pick_projection_layout(0)
