@@ -16,6 +16,7 @@ from jaxtyping import Array
 
 from decoding.sampling import Sampler
 from model.kv_cache import KVCache, PrefixCache
+from model.transformer import check_token_id, check_token_ids
 
 MIN_BUCKET = 16
 
@@ -29,16 +30,21 @@ def round_up(n: int, multiple: int) -> int:
   return -(-int(n) // multiple) * multiple
 
 
-def pad_prompts(prompt_tokens, prompt_lengths=None, pad_id: int = 0
-                ) -> tuple[np.ndarray, np.ndarray]:
+def pad_prompts(prompt_tokens, prompt_lengths=None, pad_id: int = 0,
+                vocab_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Ragged lists, or [B, P] + lengths, -> (right-padded i32[B, bucket(P)], i32[B]).
 
-  Raises ValueError for an empty batch, an empty prompt or lengths out of range.
+  Raises ValueError for an empty batch, an empty prompt, lengths out of range, non-integer
+  ids or (given `vocab_size`) a prompt id outside [0, vocab_size); padding past a row's
+  length is not checked (it is replaced by pad_id).
   """
   if isinstance(prompt_tokens, (list, tuple)) and prompt_lengths is None:
-    rows = [np.asarray(p, np.int64).reshape(-1) for p in prompt_tokens]
+    rows = [np.asarray(p).reshape(-1) for p in prompt_tokens]
     if not rows:
       raise ValueError("prompt_tokens is empty; pass at least one prompt")
+    for i, r in enumerate(rows):
+      if r.size and r.dtype.kind not in "iu":
+        raise ValueError(f"prompt_tokens[{i}] must hold integer token ids, got dtype {r.dtype}")
     lens = np.array([len(r) for r in rows], np.int64)
     width = max(int(lens.max()), 1)
     arr = np.full((len(rows), width), pad_id, np.int64)
@@ -62,6 +68,9 @@ def pad_prompts(prompt_tokens, prompt_lengths=None, pad_id: int = 0
                      "(e.g. a BOS token)")
   if not np.issubdtype(arr.dtype, np.integer):
     raise ValueError(f"prompt_tokens must hold integer token ids, got dtype {arr.dtype}")
+  if vocab_size is not None:  # before the int32 cast below, which would wrap huge ids
+    check_token_ids("prompt_tokens", arr, vocab_size,
+                    valid=np.arange(arr.shape[1])[None] < lens[:, None])
   width = bucket(int(lens.max()))
   out = np.full((arr.shape[0], width), pad_id, np.int32)
   cols = min(arr.shape[1], width)
@@ -112,6 +121,24 @@ def make_cache(cache, step_fn, batch: int, max_prompt: int, need: int, *, name: 
   return cache
 
 
+def check_ids(vocab_size: int, *, pad_id=0, eos_id=None, stop_sequences=()) -> None:
+  """ValueError naming the argument when pad_id, an EOS id or a stop-sequence id lies outside
+  [0, vocab_size): an out-of-vocab pad poisons every padded row, an out-of-vocab EOS or stop
+  id can never fire (the row silently runs to max_new_tokens)."""
+  check_token_id("pad_id", pad_id, vocab_size)
+  if eos_id is not None:
+    if np.ndim(eos_id) == 0:
+      check_token_id("eos_id", eos_id, vocab_size)
+    else:
+      check_token_ids("eos_id", np.asarray(eos_id), vocab_size)
+  for i, seq in enumerate(stop_sequences):
+    ids = np.asarray(seq)
+    if ids.ndim != 1:
+      raise ValueError(f"stop_sequences[{i}]={seq!r} must be a sequence of token ids "
+                       "(stop_sequences is a list of them)")
+    check_token_ids(f"stop_sequences[{i}]", ids, vocab_size)
+
+
 def check_count(name: str, value) -> int:
   """`value` as an int >= 1, or a ValueError naming `name`."""
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
@@ -151,13 +178,15 @@ def prepare(step_fn, prompt_tokens, *, max_new_tokens: int, cache=None, prompt_l
             stop_on_full_cache: bool | None = None) -> Request:
   """Validates and prepares a request for any decoding loop (before any compute).
 
-  Pads the prompts to a bucket, makes or checks the cache (`make_cache`; the request
-  needs max prompt + max_new_tokens - 1 + `extra_slots` slots), builds the sampler
-  (default greedy), per-row keys, EOS and stop-sequence arrays and the prefill and
+  Checks every token id against the model's vocabulary (`check_ids`; the prompts in
+  `pad_prompts`), pads the prompts to a bucket, makes or checks the cache (`make_cache`;
+  the request needs max prompt + max_new_tokens - 1 + `extra_slots` slots), builds the
+  sampler (default greedy), per-row keys, EOS and stop-sequence arrays and the prefill and
   buffer lengths.
   """
   check_step_fn(step_fn, "step_fn")
-  prompt_BP, lens_B = pad_prompts(prompt_tokens, prompt_lengths, pad_id)
+  check_ids(step_fn.vocab_size, pad_id=pad_id, eos_id=eos_id, stop_sequences=stop_sequences)
+  prompt_BP, lens_B = pad_prompts(prompt_tokens, prompt_lengths, pad_id, step_fn.vocab_size)
   b = prompt_BP.shape[0]
   max_new_tokens = check_count("max_new_tokens", max_new_tokens)
   sampler = Sampler.greedy(b) if sampler is None else sampler

@@ -30,6 +30,7 @@ from decoding.generate import GenerateOutput, generate
 from decoding.sampling import Sampler
 from model.decoder import Decoder
 from model.kv_cache import KVCache, PrefixCache
+from model.transformer import check_token_ids
 
 PREFILL_CHUNK = 512  # prefix tokens per prefill call: bounds the [chunk, P] attention scores
 
@@ -38,6 +39,15 @@ PREFILL_CHUNK = 512  # prefix tokens per prefill call: bounds the [chunk, P] att
 def _prefill_fn(decoder: Decoder):
   return jax.jit(lambda params, tokens_1C, cache: decoder(params, tokens_1C, cache)[1],
                  donate_argnums=(2,))
+
+
+def _prefix_ids(cfg, prefix_tokens) -> np.ndarray:
+  """The shared prompt as int64 ids [P], checked: non-empty, integer, inside the vocabulary."""
+  tokens = np.asarray(prefix_tokens).reshape(-1)
+  if tokens.size == 0:
+    raise ValueError("prefix_tokens is empty; the shared prompt needs >= 1 token")
+  check_token_ids("prefix_tokens", tokens, cfg.vocab_size)
+  return tokens.astype(np.int64)
 
 
 def prefill_prefix(cfg, params, prefix_tokens) -> tuple[KVCache, int, cost_lib.Cost]:
@@ -49,7 +59,7 @@ def prefill_prefix(cfg, params, prefix_tokens) -> tuple[KVCache, int, cost_lib.C
   """
   t0 = time.perf_counter()
   decoder = Decoder(cfg)
-  tokens = np.asarray(prefix_tokens, np.int64).reshape(-1)
+  tokens = _prefix_ids(cfg, prefix_tokens)
   p = len(tokens)
   cache = decoder.init_cache(1, min(request.bucket(max(p - 1, 1)), cfg.max_seq_len))
   chunk = min(PREFILL_CHUNK, cache.max_len)
@@ -86,9 +96,10 @@ def sample_shared_prefix(cfg, params, prefix_tokens, n_samples: int, *, max_new_
       passed to `decoding.generate`.
   Returns generate's output; its cost includes the prefix prefill.
   """
-  tokens = np.asarray(prefix_tokens).reshape(-1)
-  if tokens.size == 0:
-    raise ValueError("prefix_tokens is empty; the shared prompt needs >= 1 token")
+  tokens = _prefix_ids(cfg, prefix_tokens)
+  # generate checks these too, but only after the prefix prefill has run: check them first.
+  request.check_ids(cfg.vocab_size, **{k: generate_kwargs[k] for k in (
+      "pad_id", "eos_id", "stop_sequences") if k in generate_kwargs})
   n_samples = request.check_count("n_samples", n_samples)
   max_new_tokens = request.check_count("max_new_tokens", max_new_tokens)
   if tokens.size + max_new_tokens - 1 > cfg.max_seq_len:

@@ -13,25 +13,78 @@ an NMArray at `.../kernel/values`) and `meta["nmarrays"]` those of every NMArray
 (n, m, shape, dtype), so a quantized or N:M compressed tree loads without knowing its
 structure in advance; checkpoints without "nmarrays" (older ones) hold no NMArray.
 `quant.save` / `quant.restore` and the scripts write and read exactly this.
+
+Integrity: `meta["checksums"]` holds a CRC-32 of every stored array's bytes
+(`{"params": {path: crc}, "opt_state": {...}}`), written at save and verified at every
+restore (`verify=False` skips it; checkpoints without checksums are not verified), and
+restored params must be finite (`model.tree.check_finite`). A checkpoint that fails
+either, or that orbax cannot read (truncated, partly deleted, junk meta), raises
+`CheckpointError` naming its folder; with no step asked for, `load_params` /
+`load_meta` / `restore_newest` fall back to the newest intact step with a one-line
+warning naming each bad one, and raise only when no step is intact.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import gc
 import json
 import os
+import sys
+import zlib
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from model.config import ModelConfig
 from model.nm_array import NMArray, is_nmarray
 from model.nm_array import check as check_nmarray
 from model.qarray import QArray, is_qarray
-from model.tree import flatten, is_weight_leaf
+from model.tree import NonFiniteError, check_finite, flatten, is_weight_leaf
 
 CKPT_SUBDIR = "checkpoints"
 ITEMS = ("params", "opt_state", "data", "meta")
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that cannot be used (unreadable, corrupt, non-finite); names its folder."""
+
+
+def checksums(tree) -> dict[str, str]:
+  """{path: CRC-32 of the array's bytes} for every array leaf (QArray / NMArray parts apart).
+
+  Arrays not fully addressable from this process (multi-host shards) are left out: their
+  bytes live on other hosts.
+  """
+  paths, leaves, _ = flatten(tree, is_leaf=None)
+  todo = [(p, x) for p, x in zip(paths, leaves, strict=True)
+          if x is not None and not (isinstance(x, jax.Array) and not x.is_fully_addressable)]
+
+  def crc(x) -> str:
+    a = np.ascontiguousarray(np.asarray(x))
+    return f"{zlib.crc32(a.reshape(-1).view(np.uint8)):08x}"
+
+  # zlib releases the GIL on large buffers: leaves hash in parallel, one per core.
+  with concurrent.futures.ThreadPoolExecutor(max(1, min(len(todo), os.cpu_count() or 1))) as ex:
+    return dict(zip([p for p, _ in todo], ex.map(crc, [x for _, x in todo]), strict=True))
+
+
+def verify_checksums(tree, expected: dict[str, str] | None, where: str) -> None:
+  """CheckpointError naming `where` and the first leaf whose bytes differ from `expected`."""
+  if not expected:
+    return  # written before checksums
+  got, present = checksums(tree), set(flatten(tree, is_leaf=None)[0])
+  for p, crc in expected.items():
+    if p not in got:
+      if p in present:
+        continue  # not addressable from this process
+      raise CheckpointError(f"{where}: stored leaf {p!r} is missing from the restored tree")
+    if got[p] != crc:
+      raise CheckpointError(f"{where}: leaf {p!r} fails its checksum (saved crc32 {crc}, read "
+                            f"{got[p]}): the array data is corrupt")
 
 
 def qarray_manifest(params) -> dict[str, dict]:
@@ -119,6 +172,9 @@ def save(mgr: ocp.CheckpointManager, step: int, params, *, model_cfg: ModelConfi
   """Saves one checkpoint: params + meta, and opt_state / data state when given."""
   full_meta = {"step": int(step), "qarrays": qarray_manifest(params),
                "nmarrays": nmarray_manifest(params), **(meta or {})}
+  full_meta["checksums"] = {"params": checksums(params)}
+  if opt_state is not None:
+    full_meta["checksums"]["opt_state"] = checksums(opt_state)
   if model_cfg is not None:
     full_meta["model_config"] = model_cfg.to_dict()
   items = {"params": ocp.args.StandardSave(params), "meta": ocp.args.JsonSave(full_meta)}
@@ -168,36 +224,89 @@ def _reader(workdir: str) -> ocp.CheckpointManager:
   return manager(workdir, create=False)
 
 
-def _pick_step(mgr, workdir: str, step: int | None) -> int:
-  steps = mgr.all_steps()
-  if step is None:
-    return max(steps)
-  if step not in steps:
-    raise ValueError(f"--step={step} is not a checkpoint in {workdir!r}; valid: {sorted(steps)}")
-  return step
+def _one_line(e: BaseException) -> str:
+  """`Type: first line of the message` (orbax / tensorstore errors run to dozens of lines,
+  the first ending in a dump of the TensorStore spec)."""
+  text = str(e).strip().splitlines()
+  first = text[0].split(" See full TensorStore details")[0] if text else ""
+  return f"{type(e).__name__}: {first}".rstrip(": ")
 
 
-def load_meta(workdir: str, step: int | None = None) -> dict:
-  """The meta JSON of a checkpoint (latest step by default)."""
-  mgr = _reader(workdir)
-  step = _pick_step(mgr, workdir, step)
+def _collect_failed_reads() -> None:
+  """Collects the coroutines a failed orbax read leaves behind, quietly: each would print
+  "Exception ignored in <coroutine ...>" and its traceback when collected at exit."""
+  hook = sys.unraisablehook
+  sys.unraisablehook = lambda _: None
+  try:
+    gc.collect()
+  finally:
+    sys.unraisablehook = hook
+
+
+def warn(message: str) -> None:
+  """One `warning: ...` line on stderr (the CLIs keep library logging at WARNING)."""
+  print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def restore_newest(mgr: ocp.CheckpointManager, restore: Callable[[int], object], *,
+                   step: int | None = None, what: str = "checkpoint"):
+  """(step, restore(step)) for `step`, or else for the newest step `restore` succeeds on.
+
+  `restore(step)` reads and verifies one step; any exception it raises marks the step bad
+  (orbax raises bare Exception / KeyError / tensorstore errors for damaged files). With
+  `step` given, a bad step is a CheckpointError; otherwise each bad step is skipped with a
+  one-line warning, and a CheckpointError names the folder when none is intact.
+  (None, None) when the folder holds no step at all.
+  """
+  where = str(mgr.directory)
+  try:
+    steps = sorted(mgr.all_steps(), reverse=True)
+  except Exception as e:  # noqa: BLE001 (orbax's listing errors are not typed)
+    raise CheckpointError(f"{where}: cannot list checkpoints ({_one_line(e)})") from None
+  if step is not None:
+    if step not in steps:
+      raise ValueError(f"--step={step} is not a checkpoint in {where!r}; valid: {sorted(steps)}")
+    steps = [step]
+  bad = []
+  for s in steps:
+    try:
+      return s, restore(s)
+    except Exception as e:  # noqa: BLE001 (see the docstring)
+      _collect_failed_reads()
+      named = isinstance(e, (CheckpointError, NonFiniteError))  # these name the folder
+      reason = str(e) if named else f"{where}/{s}: {_one_line(e)}"
+      if step is not None:
+        raise CheckpointError(f"{what} step {s} is unusable: {reason}") from None
+      bad.append(f"step {s}: {reason}")
+      warn(f"skipping {what} step {s} in {where}: {reason}")
+  if bad:
+    raise CheckpointError(f"no intact {what} in {where} ({len(bad)} step(s) unusable; newest: "
+                          f"{bad[0]})")
+  return None, None
+
+
+def _restore_meta(mgr, step: int) -> dict:
   meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-  mgr.close()
+  if not isinstance(meta, dict):
+    raise CheckpointError(f"{mgr.directory}/{step}/meta holds no JSON object")
   return meta
 
 
-def load_params(workdir: str, step: int | None = None, *, target=None,
-                sharding=None) -> tuple[dict, dict, int]:
-  """(params with QArray / NMArray leaves rebuilt, meta, step) of a checkpoint (latest default).
-
-  target: an abstract tree (e.g. `quant.abstract_quantize`, or one with
-    `model.nm_array.abstract_compress_nm` leaves; possibly with shardings) restored into
-    directly. sharding: `(path, shape) -> Sharding` placing each array otherwise
-    (default: the first device).
-  """
+def load_meta(workdir: str, step: int | None = None) -> dict:
+  """The meta JSON of a checkpoint (the newest readable step by default)."""
   mgr = _reader(workdir)
-  step = _pick_step(mgr, workdir, step)
-  meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+  try:
+    found, meta = restore_newest(mgr, lambda s: _restore_meta(mgr, s), step=step)
+  finally:
+    mgr.close()
+  if found is None:
+    raise CheckpointError(f"--workdir={workdir!r} holds no finished checkpoint")
+  return meta
+
+
+def _restore_params(mgr, step: int, target, sharding, verify: bool):
+  where = f"{mgr.directory}/{step}"
+  meta = _restore_meta(mgr, step)
   rebuild = target is None  # a given target already holds the QArrays / NMArrays
   if rebuild:
     dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -208,10 +317,33 @@ def load_params(workdir: str, step: int | None = None, *, target=None,
         for p, m in zip(paths, stored, strict=True)])
   params = mgr.restore(step, args=ocp.args.Composite(
       params=ocp.args.StandardRestore(target))).params
-  mgr.close()
+  if verify:
+    verify_checksums(params, meta.get("checksums", {}).get("params"), where)
+    check_finite(params, where)
   if rebuild:
     params = from_state_dict(params, meta.get("qarrays", {}), meta.get("nmarrays", {}))
-  return params, meta, step
+  return params, meta
+
+
+def load_params(workdir: str, step: int | None = None, *, target=None, sharding=None,
+                verify: bool = True) -> tuple[dict, dict, int]:
+  """(params with QArray / NMArray leaves rebuilt, meta, step) of a checkpoint.
+
+  step: None takes the newest intact step (bad newer ones are skipped with a warning).
+  target: an abstract tree (e.g. `quant.abstract_quantize`, or one with
+    `model.nm_array.abstract_compress_nm` leaves; possibly with shardings) restored into
+    directly. sharding: `(path, shape) -> Sharding` placing each array otherwise
+    (default: the first device). verify: check the saved checksums and finiteness.
+  """
+  mgr = _reader(workdir)
+  try:
+    step, found = restore_newest(
+        mgr, lambda s: _restore_params(mgr, s, target, sharding, verify), step=step)
+  finally:
+    mgr.close()
+  if found is None:
+    raise CheckpointError(f"--workdir={workdir!r} holds no finished checkpoint")
+  return *found, step
 
 
 def model_config(meta: dict, workdir: str = "") -> ModelConfig:

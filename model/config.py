@@ -7,6 +7,7 @@ D model, H heads, K kv heads, Dh head dim, F ffn, V vocab.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal
 
 import jax.numpy as jnp
@@ -17,6 +18,14 @@ _DTYPES = ("float32", "bfloat16", "float16")
 ROPE_SCALING_TYPES = ("llama3", "linear")
 KV_QUANTS = ("int8", "int4", "fp8")  # KV-cache code formats (model.kv_cache); None: float
 ATTN_QK = ("int8",)  # Q.K^T numerics (model.attention); None: float
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,8 +42,17 @@ class RopeScaling:
     if self.type not in ROPE_SCALING_TYPES:
       raise ValueError(
           f"rope_scaling.type={self.type!r} is not supported; valid: {ROPE_SCALING_TYPES}")
-    if self.factor <= 0:
-      raise ValueError(f"rope_scaling.factor={self.factor} must be > 0")
+    for name in ("factor", "low_freq_factor", "high_freq_factor"):
+      v = getattr(self, name)
+      if not _is_real(v) or not 0 < v < math.inf:
+        raise ValueError(f"rope_scaling.{name}={v!r}; valid: a finite number > 0")
+    if self.type == "llama3" and self.high_freq_factor <= self.low_freq_factor:
+      raise ValueError(f"rope_scaling.high_freq_factor={self.high_freq_factor!r} must exceed "
+                       f"low_freq_factor={self.low_freq_factor!r} (llama3 scaling divides by "
+                       "their difference)")
+    v = self.original_max_position_embeddings
+    if not _is_int(v) or v < 1:
+      raise ValueError(f"rope_scaling.original_max_position_embeddings={v!r}; valid: an int >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,40 +89,9 @@ class ModelConfig:
   fused_projections: bool = False
 
   def __post_init__(self):
-    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_dim",
-                 "max_seq_len"):
-      v = getattr(self, name)
-      if not isinstance(v, int) or v < 1:
-        raise ValueError(f"ModelConfig.{name}={v!r} must be a positive integer")
-    if self.head_dim is None and self.d_model % self.n_heads:
-      raise ValueError(
-          f"ModelConfig.n_heads={self.n_heads} must divide d_model={self.d_model} "
-          "(or set head_dim explicitly)")
-    if self.n_heads % self.n_kv_heads:
-      raise ValueError(
-          f"ModelConfig.n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
-    for name in ("param_dtype", "dtype"):
-      if getattr(self, name) not in _DTYPES:
-        raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}; valid: {_DTYPES}")
-    if self.attn_impl not in ("reference", "xla", "pallas"):
-      raise ValueError(
-          f"ModelConfig.attn_impl={self.attn_impl!r}; valid: 'reference', 'xla', 'pallas'")
-    if self.matmul_impl not in ("xla", "pallas"):
-      raise ValueError(f"ModelConfig.matmul_impl={self.matmul_impl!r}; valid: 'xla', 'pallas'")
-    if self.kv_quant is not None and self.kv_quant not in KV_QUANTS:
-      raise ValueError(f"ModelConfig.kv_quant={self.kv_quant!r}; valid: None, "
-                       f"{', '.join(map(repr, KV_QUANTS))}")
-    if self.kv_quant == "int4" and self.dh % 2:
-      raise ValueError(f"ModelConfig.kv_quant='int4' packs two codes per byte along the head "
-                       f"dim, which must be even; head dim is {self.dh}")
-    if not isinstance(self.fused_projections, bool):
-      raise ValueError(f"ModelConfig.fused_projections={self.fused_projections!r}; valid: "
-                       "True, False")
-    if self.attn_qk is not None and self.attn_qk not in ATTN_QK:
-      raise ValueError(f"ModelConfig.attn_qk={self.attn_qk!r}; valid: None, "
-                       f"{', '.join(map(repr, ATTN_QK))}")
     if isinstance(self.rope_scaling, dict):  # allow dicts from configs / json
       object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+    validate(self)
 
   @property
   def dh(self) -> int:
@@ -126,10 +113,63 @@ class ModelConfig:
 
   @classmethod
   def from_dict(cls, d: dict) -> ModelConfig:
+    if not isinstance(d, dict):
+      raise ValueError(f"a model config must be a JSON object / dict; got {type(d).__name__}")
+    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+      raise ValueError(f"unknown ModelConfig fields {unknown}")
     d = dict(d)
-    if d.get("rope_scaling") is not None:
-      d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+    rs = d.get("rope_scaling")
+    if isinstance(rs, dict):
+      unknown = sorted(set(rs) - {f.name for f in dataclasses.fields(RopeScaling)})
+      if unknown:
+        raise ValueError(f"unknown rope_scaling fields {unknown}")
+      d["rope_scaling"] = RopeScaling(**rs)
     return cls(**d)
+
+
+_POSITIVE_INTS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_dim",
+                  "max_seq_len")
+_BOOLS = ("qk_norm", "qkv_bias", "tie_embeddings", "fused_projections")
+_CHOICES = {"param_dtype": (False, _DTYPES), "dtype": (False, _DTYPES),
+            "attn_impl": (False, ("reference", "xla", "pallas")),
+            "matmul_impl": (False, ("xla", "pallas")), "kv_quant": (True, KV_QUANTS),
+            "attn_qk": (True, ATTN_QK)}
+
+
+def validate(cfg: ModelConfig) -> None:
+  """Every ModelConfig field in one place: a ValueError naming the field, its value and the
+  valid range (raised at construction, so no forward ever sees a bad config)."""
+  def bad(name, valid):
+    raise ValueError(f"ModelConfig.{name}={getattr(cfg, name)!r}; valid: {valid}")
+
+  for name in _POSITIVE_INTS:
+    if not _is_int(getattr(cfg, name)) or getattr(cfg, name) < 1:
+      bad(name, "a positive integer")
+  for name in _BOOLS:
+    if not isinstance(getattr(cfg, name), bool):
+      bad(name, "True, False")
+  for name, (optional, valid) in _CHOICES.items():
+    if getattr(cfg, name) not in valid and not (optional and getattr(cfg, name) is None):
+      bad(name, ("None, " if optional else "") + ", ".join(map(repr, valid)))
+  if cfg.head_dim is not None and (not _is_int(cfg.head_dim) or cfg.head_dim < 2
+                                   or cfg.head_dim % 2):
+    bad("head_dim", "None (d_model // n_heads) or an even integer >= 2 (RoPE rotates pairs)")
+  if cfg.head_dim is None and cfg.d_model % cfg.n_heads:
+    raise ValueError(f"ModelConfig.n_heads={cfg.n_heads} must divide d_model={cfg.d_model} "
+                     "(or set head_dim explicitly)")
+  if cfg.head_dim is None and (cfg.dh < 2 or cfg.dh % 2):
+    raise ValueError(f"ModelConfig.d_model={cfg.d_model} / n_heads={cfg.n_heads} gives head "
+                     f"dim {cfg.dh}; RoPE needs an even head dim >= 2 (or set head_dim)")
+  if cfg.n_heads % cfg.n_kv_heads:
+    raise ValueError(
+        f"ModelConfig.n_kv_heads={cfg.n_kv_heads} must divide n_heads={cfg.n_heads}")
+  if not _is_real(cfg.rope_theta) or not 0 < cfg.rope_theta < math.inf:
+    bad("rope_theta", "a finite number > 0")
+  if not _is_real(cfg.norm_eps) or not 0 <= cfg.norm_eps < math.inf:
+    bad("norm_eps", "a finite number >= 0")
+  if cfg.rope_scaling is not None and not isinstance(cfg.rope_scaling, RopeScaling):
+    bad("rope_scaling", "None, a RopeScaling or a dict of its fields")
 
 
 PRESETS: dict[str, ModelConfig] = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Protocol, runtime_checkable
 
 
@@ -35,9 +36,21 @@ class ByteTokenizer:
 
 
 def get_tokenizer(spec: str = "byte") -> Tokenizer:
-  """`byte` or a path to a Hugging Face `tokenizer.json` (needs the `hf` extra)."""
+  """`byte` or a path to a Hugging Face `tokenizer.json` (needs the `hf` extra).
+
+  A file the `tokenizers` library cannot read (junk JSON, not a tokenizer) is a ValueError
+  naming it: the library raises a bare `Exception` with no file name.
+  """
   if spec == "byte":
     return ByteTokenizer()
   from model import hf_tokenizer  # optional dependency
 
-  return hf_tokenizer.HFTokenizer.from_file(spec)
+  try:
+    return hf_tokenizer.HFTokenizer.from_file(spec)
+  except (OSError, ValueError):
+    raise
+  except Exception as e:  # noqa: BLE001 (tokenizers' Rust errors are untyped)
+    file = os.path.join(spec, "tokenizer.json") if os.path.isdir(spec) else spec
+    lines = str(e).strip().strip("'\"").splitlines()
+    raise ValueError(f"{file} is not a valid tokenizer.json ({lines[0] if lines else e!r})"
+                     ) from None

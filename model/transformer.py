@@ -8,9 +8,12 @@ are handled behind the attention door, not by keywords here.
 
 from __future__ import annotations
 
+import operator
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, Int
 
 from model.attention import Context, attend, context, finish
@@ -143,7 +146,56 @@ def _check_fused(cfg: ModelConfig, params) -> None:
                      "cfg.replace(fused_projections=True)")
 
 
+def check_token_ids(name: str, ids, vocab_size: int, *, valid=None) -> None:
+  """ValueError naming `name` when `ids` are not integers or hold an id outside [0, vocab).
+
+  An id >= vocab embeds as NaN (and poisons every row that attends to it) and a negative
+  one wraps, so every public edge that takes token ids calls this before any compute. The
+  dtype is checked always; the values only on concrete arrays (a jax Tracer, under jit, is
+  skipped: jitted callers pay nothing). valid: a bool mask of the entries that are real
+  tokens (padding past a row's length is not checked).
+  """
+  dtype = getattr(ids, "dtype", None)
+  if isinstance(ids, jax.core.Tracer):
+    if not jnp.issubdtype(dtype, jnp.integer):
+      raise ValueError(f"{name} must hold integer token ids, got dtype {dtype}")
+    return
+  if isinstance(ids, jax.Array) and not ids.is_fully_addressable:
+    return  # another host holds part of it: only a jitted (traced) check could see it all
+  a = np.asarray(ids)
+  if a.size and a.dtype.kind not in "iu":
+    raise ValueError(f"{name} must hold integer token ids, got dtype {a.dtype}")
+  bad = (a < 0) | (a >= vocab_size)
+  if valid is not None:
+    bad &= np.asarray(valid, bool)
+  if bad.any():
+    where = [int(i) for i in np.argwhere(bad)[0]]
+    more = f" (and {int(bad.sum()) - 1} more)" if bad.sum() > 1 else ""
+    raise ValueError(f"{name} holds token id {a[tuple(where)]} at {where}{more}; valid: "
+                     f"[0, {vocab_size}) (vocab_size)")
+
+
+def check_token_id(name: str, value, vocab_size: int) -> int:
+  """`value` as an int in [0, vocab) (a pad / EOS id), or a ValueError naming `name`."""
+  if isinstance(value, jax.core.Tracer):
+    return value
+  try:
+    if isinstance(value, (bool, np.bool_)):
+      raise TypeError
+    v = operator.index(value)
+  except TypeError:
+    raise ValueError(f"{name}={value!r} must be an int token id in [0, {vocab_size}) "
+                     "(vocab_size)") from None
+  if not 0 <= v < vocab_size:
+    raise ValueError(f"{name}={v}; valid: [0, {vocab_size}) (vocab_size)")
+  return v
+
+
 def _check(cfg: ModelConfig, tokens_BT, cache) -> None:
+  if not hasattr(tokens_BT, "dtype") or len(tokens_BT.shape) != 2:
+    raise ValueError(f"tokens_BT must be an int array [B, T], got "
+                     f"{getattr(tokens_BT, 'shape', type(tokens_BT).__name__)}")
+  check_token_ids("tokens_BT", tokens_BT, cfg.vocab_size)
   if cache is None and tokens_BT.shape[1] > cfg.max_seq_len:
     raise ValueError(
         f"sequence length {tokens_BT.shape[1]} exceeds max_seq_len={cfg.max_seq_len}")

@@ -140,3 +140,39 @@ def replace_path(tree: dict, path: str, value) -> dict:
   out = dict(tree)
   out[head] = replace_path(tree[head], rest, value) if rest else value
   return out
+
+
+class NonFiniteError(ValueError):
+  """A tree that must be finite holds NaN / Inf: names the leaf, where it came from, and what."""
+
+
+def first_nonfinite(tree) -> tuple[str, int, int] | None:
+  """(path, non-finite count, leaf size) of the first float leaf (in path order) holding
+  NaN / Inf, or None. Integer leaves (codes, indices) are always finite. The arrays inside
+  QArray / NMArray leaves are checked one by one (`.../kernel/scale`, ...). Concrete arrays
+  only: the check runs on the host, once per call, at a public edge."""
+  paths, leaves, _ = flatten(tree, is_leaf=None)
+  for p, x in zip(paths, leaves, strict=True):
+    if x is None or isinstance(x, jax.core.Tracer):
+      continue
+    a = np.asarray(x)
+    if a.dtype.kind in "biu":
+      continue
+    if a.dtype.name == "bfloat16":  # NaN / Inf: all exponent bits set (no f32 copy needed)
+      bad = int(np.count_nonzero((a.view(np.uint16) & 0x7F80) == 0x7F80))
+    else:
+      if a.dtype.kind not in "fc":
+        a = a.astype(np.float32)  # other ml_dtypes (float8): a cast keeps NaN / Inf
+      bad = int(a.size - np.count_nonzero(np.isfinite(a)))
+    if bad:
+      return p, bad, int(a.size)
+  return None
+
+
+def check_finite(tree, where: str) -> None:
+  """NonFiniteError naming `where` (a file, an argument) and the first leaf with NaN / Inf."""
+  found = first_nonfinite(tree)
+  if found is not None:
+    path, bad, size = found
+    raise NonFiniteError(f"{where}: leaf {path!r} holds {bad} non-finite value(s) of {size} "
+                         "(NaN / Inf); refusing to use it")

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from model.qarray import QArray, pack
-from model.tree import is_weight_leaf
+from model.tree import check_finite, is_weight_leaf
 from quant.qat import _map_paths, straight_through
 from quant.rtn import _safe_scale
 from quant.transform import plan
@@ -116,6 +116,7 @@ def matryoshka_quantize(params, bits: int, *, rules=()) -> dict:
   """Params with the selected kernels as r-bit QArrays sliced from their shared int8 code."""
   _check_bits(bits)
   paths = matryoshka_plan(params, rules=rules)
+  check_finite(params, "matryoshka_quantize: params")  # NaN / Inf would become silent codes
   return _map_paths(params, {p: (lambda w: quantize_kernel(w, bits)) for p in paths})
 
 

@@ -14,6 +14,9 @@ OPTIONs:
   `act_order`          GPTQ: sweep inputs by descending Hessian diagonal
   `static_groups`      GPTQ: fit group grids before the sweep (upstream's --static-groups)
   `alpha=A`            SmoothQuant migration strength in [0, 1] (default 0.5)
+Each option decides one thing: two options for the same thing (`int8:g64:g32`,
+`channel:tensor`, `g128:tensor`, `sym:asym`, `rtn:gptq`, two `clip=` or `alpha=`) are a
+ValueError naming both, never "the last one wins".
 `+N:M` (GPTQ only) prunes N:M (n kept of every m inputs) in the same OBS sweep that
 quantizes, as SparseGPT's joint mode: `int4:g128:gptq+2:4`.
 """
@@ -54,7 +57,7 @@ class QuantSpec:
   bits: int = 8
   fmt: str = "int"
   group_size: int | None = None
-  granularity: str = "channel"  # "channel" | "tensor"; ignored when group_size is set
+  granularity: str = "channel"  # "channel" | "tensor" (not with group_size)
   symmetric: bool = True
   method: str = "rtn"
   clip: str = "absmax"  # RTN range: "absmax" | "mse" | "p99.9" (percentile of |w|)
@@ -74,6 +77,9 @@ class QuantSpec:
       raise ValueError(f"QuantSpec: group_size={self.group_size!r} must be a positive int")
     if self.granularity not in GRANULARITIES:
       raise ValueError(f"QuantSpec: granularity={self.granularity!r}; valid: {GRANULARITIES}")
+    if self.group_size is not None and self.granularity == "tensor":
+      raise ValueError(f"QuantSpec: group_size={self.group_size} and granularity='tensor' "
+                       "conflict (per-group scales vs one per tensor); pass one")
     if not self.symmetric and self.fmt != "int":
       raise ValueError(f"QuantSpec: asym needs an int format, got fmt={self.fmt!r}")
     if self.method not in METHODS:
@@ -174,23 +180,25 @@ def parse_recipe(recipe: str) -> QuantSpec:
       raise ValueError(f"quant recipe={recipe!r}: the part after '+' must be N:M (e.g. 2:4), "
                        f"got {sparse!r}")
     kw["sparse"] = (int(m.group(1)), int(m.group(2)))
+  given: dict[str, str] = {}  # slot -> the option that set it
   for opt in opts:
     key, eq, val = opt.partition("=")
     if m := re.fullmatch(r"g(\d+)", opt):
-      kw["group_size"] = int(m.group(1))
+      slot, kw["group_size"] = "scales", int(m.group(1))
       if kw["group_size"] < 1:
         raise ValueError(f"quant recipe={recipe!r}: group size must be >= 1, got {opt!r}")
     elif opt in GRANULARITIES:
-      kw["granularity"] = opt
+      slot, kw["granularity"] = "scales", opt
     elif opt in ("sym", "asym"):
-      kw["symmetric"] = opt == "sym"
+      slot, kw["symmetric"] = "symmetry", opt == "sym"
     elif opt in METHODS:
-      kw["method"] = opt
+      slot, kw["method"] = "method", opt
     elif opt in ("act_order", "static_groups"):
-      kw[opt] = True
+      slot, kw[opt] = opt, True
     elif eq and key == "clip":
-      kw["clip"] = val
+      slot, kw["clip"] = "clip", val
     elif eq and key == "alpha":
+      slot = "alpha"
       try:
         kw["alpha"] = float(val)
       except ValueError:
@@ -198,10 +206,29 @@ def parse_recipe(recipe: str) -> QuantSpec:
     else:
       raise ValueError(f"quant recipe={recipe!r}: unknown option {opt!r}; valid options: "
                        f"{list(_OPTIONS)}")
+    _claim(recipe, given, slot, opt)
   try:
     return QuantSpec(**kw)
   except ValueError as e:
     raise ValueError(f"quant recipe={recipe!r}: {e}") from None
+
+
+# What each option slot decides (conflict messages); a slot takes one option per recipe.
+_SLOTS = {"scales": "the scale granularity (gN / channel / tensor)",
+          "symmetry": "the symmetry (sym / asym)", "method": f"the method {METHODS}",
+          "clip": "the RTN clipping", "alpha": "the SmoothQuant alpha"}
+
+
+def _claim(recipe: str, given: dict[str, str], slot: str, opt: str) -> None:
+  """Records that `opt` set `slot`; two different options for one slot are a ValueError.
+
+  Without it `int8:g64:g32` or `int8:sym:asym` silently meant whichever came last. An
+  option repeated verbatim (`int8:sym:sym`) means one thing, so it is accepted.
+  """
+  prev = given.setdefault(slot, opt)
+  if prev != opt:
+    raise ValueError(f"quant recipe={recipe!r}: options {prev!r} and {opt!r} conflict (both "
+                     f"set {_SLOTS.get(slot, slot)}); keep one")
 
 
 def as_spec(spec) -> QuantSpec | None:

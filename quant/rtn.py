@@ -30,6 +30,7 @@ import ml_dtypes
 from jaxtyping import Array, Float
 
 from model.qarray import CODE_TABLES, FLOAT_DTYPES, FMT_BITS, FP8_FMTS, NF4, QArray, fmt_name, pack
+from model.tree import NonFiniteError, first_nonfinite
 
 FMTS = tuple(FMT_BITS)
 # "mse" clipping: shrink factors f = 1 - i/100, i = 0..79 (1.00 down to 0.21), tried in order.
@@ -61,8 +62,10 @@ def quantize_tensor(w: Float[Array, "..."], *, bits: int | None = None, fmt: str
   if not (hasattr(w, "shape") and hasattr(w, "dtype")):
     raise ValueError(f"quantize_tensor: w must be an array, got {type(w).__name__}")
   axes = _check_args(w.shape, w.dtype, bits, fmt, group_size, symmetric, axis, clip)
-  if not isinstance(w, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(w))):
-    raise ValueError("quantize_tensor: w contains NaN or Inf")
+  bad = first_nonfinite(w)  # None for a Tracer: jitted callers are not checked
+  if bad is not None:  # NaN / Inf would round to code 0 without a trace
+    raise NonFiniteError(f"quantize_tensor: w contains NaN or Inf ({bad[1]} non-finite "
+                         f"value(s) of {bad[2]}); refusing to quantize it")
   bits = FMT_BITS[fmt][-1] if bits is None else bits
   return _quantize(w, bits=bits, fmt=fmt, group_size=group_size, symmetric=symmetric,
                    axes=axes, clip=clip)

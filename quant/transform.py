@@ -17,7 +17,14 @@ import numpy as np
 
 from model import nm_array
 from model.qarray import QArray, dequantize, is_qarray
-from model.tree import flatten, is_weight_leaf, leaf_nbytes, match_rules, tree_nbytes
+from model.tree import (
+    check_finite,
+    flatten,
+    is_weight_leaf,
+    leaf_nbytes,
+    match_rules,
+    tree_nbytes,
+)
 from quant import calibrated
 from quant.recipes import QuantSpec, as_spec, default_rules
 from quant.rtn import _check_args, quantize_tensor
@@ -50,10 +57,14 @@ def quantize(params, spec, *, rules=(), calib=None, key=None) -> tuple[dict, dic
     calib: a `model.calibration.Calibration`, for GPTQ specs ("int4:g128:gptq"):
       kernels are quantized by `gptq_layer`, calibrated block by block on the
       already-quantized blocks. key: the transform contract (unused).
-  Returns (params with QArray leaves, JSON-able report).
+  Returns (params with QArray leaves, JSON-able report). Raises `model.tree.NonFiniteError`
+  (a ValueError) naming the first leaf of `params` that holds NaN / Inf.
   """
   del key
   paths, specs, leaves = plan(params, spec, rules=rules)
+  # A NaN / Inf weight would quantize to code 0 (only the report's error shows it); refuse
+  # it before any calibration or rounding runs. Tracers are skipped.
+  check_finite(params, "quant.quantize: params")
   chosen = {p: s for p, s in zip(paths, specs, strict=True) if s is not None}
   solved, scales = {}, {}
   aware = {p: s for p, s in chosen.items() if s.method in ("awq", "smoothquant")}

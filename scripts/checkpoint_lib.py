@@ -6,13 +6,15 @@ position to the params and meta items (layout in `model.checkpoint`).
 
 from __future__ import annotations
 
-import json
 import os
+import time
 
 import orbax.checkpoint as ocp
 
 from model import checkpoint as ckpt
 from model.config import ModelConfig
+from model.tree import check_finite
+from scripts import cli_lib
 
 CKPT_SUBDIR = ckpt.CKPT_SUBDIR
 has_checkpoint = ckpt.has_checkpoint
@@ -28,13 +30,51 @@ def save_train_state(mgr: ocp.CheckpointManager, step: int, params, model_cfg: M
 
 
 def restore_train_state(mgr: ocp.CheckpointManager, step: int, abstract_params,
-                        abstract_opt_state):
-  """(params, opt_state, data_state) of a train checkpoint, placed per the abstract shardings."""
+                        abstract_opt_state, *, verify: bool = True):
+  """(params, opt_state, data_state) of a train checkpoint, placed per the abstract shardings.
+
+  verify: the saved checksums of params and optimizer state must match and the params be
+  finite (else `model.checkpoint.CheckpointError` naming the step's folder).
+  """
+  where = f"{mgr.directory}/{step}"
   r = mgr.restore(step, args=ocp.args.Composite(
       params=ocp.args.StandardRestore(abstract_params),
       opt_state=ocp.args.StandardRestore(abstract_opt_state),
-      data=ocp.args.JsonRestore()))
+      data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+  if verify:
+    sums = (r.meta or {}).get("checksums", {})
+    ckpt.verify_checksums(r.params, sums.get("params"), where)
+    ckpt.verify_checksums(r.opt_state, sums.get("opt_state"), where)
+    check_finite(r.params, where)
+  if not isinstance(r.data, dict):
+    raise ckpt.CheckpointError(f"{where}/data holds no iterator state (a JSON object)")
   return r.params, r.opt_state, r.data
+
+
+def restore_newest_train_state(mgr: ocp.CheckpointManager, abstract_params, abstract_opt_state,
+                               *, set_aside: bool = True):
+  """(step, (params, opt_state, data_state)) of the newest intact train checkpoint, or
+  (0, None) when there is none yet.
+
+  Unreadable or corrupt newer steps are skipped with a one-line warning each and, with
+  `set_aside`, renamed to `<step>.bad-<unix time>` next to the good ones (kept for a
+  post-mortem, out of the way of the resumed run's own saves at those steps). A folder
+  whose every step is bad raises `model.checkpoint.CheckpointError` naming it.
+  """
+  step, state = ckpt.restore_newest(
+      mgr, lambda s: restore_train_state(mgr, s, abstract_params, abstract_opt_state),
+      what="train checkpoint")
+  if step is None:
+    return 0, None
+  newer = [s for s in mgr.all_steps() if s > step]
+  if set_aside and newer:
+    for s in newer:
+      src = os.path.join(str(mgr.directory), str(s))
+      dst = f"{src}.bad-{int(time.time())}"
+      os.replace(src, dst)
+      ckpt.warn(f"moved unusable step {s} to {dst}; resuming from step {step}")
+    mgr.reload()
+  return step, state
 
 
 def save_params(workdir: str, params, model_cfg: ModelConfig, step: int = 0,
@@ -78,8 +118,7 @@ def check_resume(workdir: str, settings: dict, fields, free: str) -> None:
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     return
-  with open(path) as f:
-    old = json.load(f)
+  old = cli_lib.read_json(path, f"--workdir={workdir}")
   diff = [k for k in fields if old.get(k) != settings[k]]
   if diff:
     raise ValueError(f"--workdir={workdir!r} holds a run with different {diff}; use a new "

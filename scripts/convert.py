@@ -35,4 +35,4 @@ def main():
 
 
 if __name__ == "__main__":
-  cli_lib.run(main, errors=(OSError,))
+  cli_lib.run(main)

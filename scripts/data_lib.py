@@ -122,6 +122,17 @@ def validate(data) -> None:
     _document_names(data.corpus, data.path, data.extensions)  # raises on a missing/empty path
 
 
+def check_vocab(vocab_size: int, where: str) -> None:
+  """ValueError unless a model with `vocab_size` logits covers every byte-tokenizer id
+  (bytes 0-255, BOS 256, EOS 257, PAD 258): a smaller vocab gathers out of range and
+  trains or evaluates to NaN. `where` names the setting (e.g. "config.model.vocab_size")."""
+  need = ByteTokenizer.vocab_size
+  if vocab_size < need:
+    raise ValueError(f"{where}={vocab_size} is smaller than the byte tokenizer's {need} ids "
+                     f"(bytes 0-255, BOS {BOS}, EOS {ByteTokenizer.eos_id}, PAD {PAD}); valid: "
+                     f">= {need}")
+
+
 def _document_names(corpus: str, path: str, extensions: str) -> tuple[str, list[str]]:
   """(root, relative file names) of a corpus; raises ValueError if there are none."""
   if corpus == "stdlib":

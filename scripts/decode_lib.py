@@ -16,7 +16,7 @@ import numpy as np
 import decoding
 import model
 from model.config import ModelConfig
-from model.tokenizer import Tokenizer, get_tokenizer
+from model.tokenizer import Tokenizer
 from scripts import convert_lib
 
 
@@ -50,22 +50,27 @@ class Options:
 
 
 def load(path: str | None, *, preset: str | None = None, step: int | None = None,
-         tokenizer: str = "auto", seed: int = 0) -> Run:
-  """A sparq checkpoint dir or HF dir at `path`, or random weights for `preset`."""
+         tokenizer: str = "auto", seed: int = 0, flag: str = "--model") -> Run:
+  """A sparq checkpoint dir or HF dir at `path`, or random weights for `preset`.
+
+  flag: the flag that gave `path` (named in its errors; "--draft" for a speculative draft).
+  """
   if (path is None) == (preset is None):
     raise ValueError("pass exactly one of --model=PATH (checkpoint or HF dir) or --preset=NAME")
-  if path is not None:
-    cfg, params = convert_lib.load_model(path, step=step)
-    if tokenizer == "auto":
-      tokenizer = convert_lib.tokenizer_path(path) or "byte"
+  chosen_by = None  # the flag that picked the tokenizer, for its errors
+  if tokenizer == "auto":
+    found = convert_lib.tokenizer_path(path) if path is not None else None
+    tokenizer, chosen_by = (found, f"{flag}={path}") if found else ("byte", None)
+  tok = convert_lib.load_tokenizer(tokenizer, chosen_by)
+  if path is not None:  # the tokenizer (cheap) first: its errors come before the weights load
+    cfg, params = convert_lib.load_model(path, step=step, flag=flag)
   else:
     cfg = model.get_preset(preset)
     params = model.init(cfg, jax.random.key(seed))
-    tokenizer = "byte" if tokenizer == "auto" else tokenizer
-  tok = get_tokenizer(tokenizer)
   if tok.vocab_size > cfg.vocab_size:
-    raise ValueError(f"tokenizer {tokenizer!r} has {tok.vocab_size} ids, the model only "
-                     f"{cfg.vocab_size}")
+    source = f"{flag}={path}" if path else f"--preset={preset}"
+    raise ValueError(f"tokenizer {tokenizer!r} has {tok.vocab_size} ids, the model "
+                     f"({source}) only {cfg.vocab_size}")
   return Run(cfg, params, tok, model.Decoder(cfg))
 
 

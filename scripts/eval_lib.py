@@ -16,8 +16,8 @@ import optax
 from model import transformer
 from model.checkpoint import qarray_manifest
 from model.config import ModelConfig
-from model.tree import tree_nbytes
-from scripts import checkpoint_lib, data_lib
+from model.tree import NonFiniteError, tree_nbytes
+from scripts import checkpoint_lib, cli_lib, data_lib
 
 
 def nll_sum(model_cfg: ModelConfig, params, batch) -> tuple[jax.Array, jax.Array]:
@@ -94,6 +94,7 @@ def evaluate_checkpoint(workdir: str, data=None, *, splits=("val", "test"),
   data = data_config_for(workdir) if data is None else data
   data_lib.validate(data)
   params, model_cfg, step = checkpoint_lib.load_params(workdir, step)
+  data_lib.check_vocab(model_cfg.vocab_size, f"the checkpoint's vocab_size (in {workdir!r})")
   if data.seq_len > model_cfg.max_seq_len:
     raise ValueError(f"seq_len={data.seq_len} exceeds the checkpoint's "
                      f"max_seq_len={model_cfg.max_seq_len}")
@@ -103,6 +104,10 @@ def evaluate_checkpoint(workdir: str, data=None, *, splits=("val", "test"),
                                                                                       "train"))}
   for s in splits:
     result[s] = evaluate(model_cfg, params, data, split=s, max_batches=max_batches)
+    if not math.isfinite(result[s]["loss"]):
+      raise NonFiniteError(f"{s} loss of {workdir!r} step {step} is "
+                               f"{result[s]['loss']} (finite weights, vocab covered); nothing "
+                               "written")
   result["output"] = output or os.path.join(workdir, f"eval_step{step}.json")
   with open(result["output"], "w") as f:
     json.dump(result, f, indent=2)
@@ -114,8 +119,7 @@ def data_config_for(workdir: str):
   data = data_lib.default_config()
   path = os.path.join(workdir, "config.json")
   if os.path.exists(path):
-    with open(path) as f:
-      saved = json.load(f).get("data", {})
+    saved = cli_lib.read_json(path, f"--workdir={workdir}").get("data", {})
     data.update({k: v for k, v in saved.items() if k in data})
   return data
 

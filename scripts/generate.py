@@ -41,8 +41,10 @@ flags.DEFINE_string("output", None, "Write the results as JSON here.")
 
 
 def main():
-  print(generate_lib.generate_from_flags(flags.FLAGS.flag_values_dict()))
+  values = flags.FLAGS.flag_values_dict()
+  present = [n for n in values if flags.FLAGS[n].present]
+  print(generate_lib.generate_from_flags(values, present))
 
 
 if __name__ == "__main__":
-  cli_lib.run(main, errors=(FileNotFoundError,))
+  cli_lib.run(main)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import numpy as np
 
@@ -20,7 +21,7 @@ import model
 import sparsity
 from model.config import ATTN_QK, KV_QUANTS
 from model.tokenizer import Tokenizer
-from scripts import decode_lib, speculative_lib
+from scripts import convert_lib, decode_lib, speculative_lib
 from scripts.decode_lib import Options, Run
 
 # Options fields set by flags of the same name (scripts/generate.py); `extra` holds the
@@ -81,6 +82,12 @@ METHODS: dict[str, Callable[[Run, list[list[int]], Options], list[dict]]] = {
     "beam": run_beam,
     "speculative": speculative_lib.run_speculative,
 }
+# Flags that only one method reads: given explicitly with another --method they would be
+# silently ignored, so they are refused (`check_method_flags`).
+METHOD_FLAGS = {
+    "beam": ("beam_width", "length_penalty", "num_return"),
+    "speculative": speculative_lib.SETTINGS,
+}
 
 
 def options(method: str, values: dict, texts: list[str]) -> Options:
@@ -111,6 +118,29 @@ def validate(method: str, opts: Options, texts: list[str]) -> None:
                      f"{opts.beam_width}]")
   if method == "speculative":
     speculative_lib.validate(opts.extra)
+
+
+def check_method_flags(method: str, present: Collection[str]) -> None:
+  """ValueError naming the flags in `present` (the ones the user typed) that `method` does
+  not read (`METHOD_FLAGS`), instead of ignoring them."""
+  for owner, names in METHOD_FLAGS.items():
+    stray = [f"--{n}" for n in names if n in present]
+    if owner != method and stray:
+      raise ValueError(f"{', '.join(stray)} only appl{'ies' if len(stray) == 1 else 'y'} to "
+                       f"--method={owner}; got --method={method} (drop "
+                       f"{'it' if len(stray) == 1 else 'them'} or pass --method={owner})")
+
+
+def check_output_file(path: str, flag: str) -> None:
+  """ValueError naming `flag` unless `path` can be written as a file (checked before the
+  model loads, so a typo in the folder does not cost the whole generation)."""
+  folder = os.path.dirname(os.path.abspath(path))
+  if os.path.isdir(path):
+    raise ValueError(f"{flag}={path} is a folder; give a file path")
+  if not os.path.isdir(folder):
+    raise ValueError(f"{flag}={path}: folder {folder} does not exist")
+  if not os.access(folder, os.W_OK | os.X_OK):
+    raise ValueError(f"{flag}={path}: folder {folder} is not writable")
 
 
 def kv_settings(values: dict) -> dict:
@@ -175,12 +205,22 @@ def format_results(texts: list[str], results: list[dict], streamed: bool) -> str
   return "\n".join(lines)
 
 
-def generate_from_flags(values: dict) -> str:
-  """scripts/generate.py: validate the flags, load the model, generate, write --output."""
+def generate_from_flags(values: dict, present: Collection[str] = ()) -> str:
+  """scripts/generate.py: validate the flags, load the model, generate, write --output.
+
+  present: the names of the flags given on the command line (absl's `FLAGS[n].present`),
+  so a method-specific flag given with another method is refused, not ignored.
+  """
   texts, method = list(values["prompt"]), values["method"]
   opts = options(method, values, texts)
   validate(method, opts, texts)
+  check_method_flags(method, present)
   kv = kv_settings(values)
+  if values.get("output"):
+    check_output_file(values["output"], "--output")
+  draft = opts.extra.get("draft") or ""
+  if method == "speculative" and not draft.startswith("exit:"):
+    convert_lib.model_kind(draft, "--draft")  # a junk draft dir fails before the target loads
   run = decode_lib.load(values["model"], preset=values["preset"], step=values["step"],
                         tokenizer=values["tokenizer"], seed=values["seed"])
   run = with_kv_settings(run, kv)

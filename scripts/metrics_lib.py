@@ -33,21 +33,48 @@ class MetricWriter:
     self._tb.close()
 
 
+def _records(path: str) -> list[tuple[bytes, dict]]:
+  """(line, record) of every record of a JSONL log, in order.
+
+  The log is append-only, so a kill mid-write can leave a torn last line: it is dropped with
+  a one-line warning naming the file (resume rewrites the log without it). A malformed line
+  before the last is real damage: ValueError naming the file and line number.
+  """
+  with open(path, "rb") as f:  # bytes: a torn multi-byte character is just a bad line
+    lines = [(n, ln) for n, ln in enumerate(f, 1) if ln.strip()]
+  out = []
+  for i, (n, ln) in enumerate(lines):
+    try:
+      record = json.loads(ln)
+      if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+        raise ValueError("not a {\"step\": int, ...} record")
+    except ValueError as e:
+      reason = (f"{e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError)
+                else str(e))
+      if i == len(lines) - 1:
+        print(f"warning: {path}: dropping the torn last line {n} ({reason}; an interrupted "
+              "write)", file=sys.stderr, flush=True)
+        break
+      raise ValueError(f"{path} line {n} is malformed ({reason}); only a torn last line is "
+                       "recoverable") from None
+    out.append((ln if ln.endswith(b"\n") else ln + b"\n", record))
+  return out
+
+
 def _truncate_after(path: str, step: int) -> None:
   """Drops records past `step` left by an interrupted run, so a resumed log reads cleanly."""
   if not os.path.exists(path):
     return
-  with open(path) as f:
-    lines = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= step]
-  with open(path, "w") as f:
+  lines = [ln for ln, r in _records(path) if r["step"] <= step]
+  with open(path + ".tmp", "wb") as f:  # atomic: a kill here leaves the old log whole
     f.writelines(lines)
+  os.replace(path + ".tmp", path)
 
 
 def read_metrics(workdir: str, split: str | None = None) -> list[dict]:
-  """The records of `metrics.jsonl`, optionally of one split."""
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    records = [json.loads(ln) for ln in f if ln.strip()]
-  return [r for r in records if split is None or r["split"] == split]
+  """The records of `metrics.jsonl`, optionally of one split (a torn last line dropped)."""
+  records = [r for _, r in _records(os.path.join(workdir, "metrics.jsonl"))]
+  return [r for r in records if split is None or r.get("split") == split]
 
 
 def _hms(seconds: float) -> str:

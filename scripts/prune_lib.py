@@ -15,15 +15,25 @@ import os
 import jax
 
 import sparsity
-from model import convert
 from model.calibration import Calibration
-from model.tokenizer import get_tokenizer
 from scripts import checkpoint_lib, convert_lib, data_lib, eval_lib
 from sparsity import rules as rules_lib
 
 REPORT_NAME = "prune_report.json"
 SHRUNK_DIR = "shrunk"
 CALIB_MODES = ("sequential", "one_pass")
+
+
+def check_out(out: str, workdir: str, flag: str = "--out") -> str:
+  """The absolute `out` if it is a writable folder other than `workdir` holding no checkpoint
+  yet; else a ValueError naming `flag` and the fix. Called before anything is loaded, so a
+  reused --out fails at once, not after the compute at save time."""
+  path = checkpoint_lib.check_writable_dir(out, flag, differ_from=workdir)
+  for folder in (path, os.path.join(path, SHRUNK_DIR)):
+    if checkpoint_lib.has_checkpoint(folder):
+      raise ValueError(f"{flag}={out} already holds a checkpoint ({folder}/"
+                       f"{checkpoint_lib.CKPT_SUBDIR}); pass a fresh {flag} or delete it")
+  return path
 
 
 def needs_calibration(recipe: str) -> bool:
@@ -42,9 +52,11 @@ def calibration(workdir: str, model_cfg, *, n_seqs: int, seq_len: int | None, se
   if seq_len > model_cfg.max_seq_len:
     raise ValueError(f"--calib_len={seq_len} exceeds the checkpoint's "
                      f"max_seq_len={model_cfg.max_seq_len}")
+  what = None  # the flag that picked the tokenizer, for its errors
   if tokenizer == "auto":
-    tokenizer = convert_lib.tokenizer_path(workdir) or "byte"
-  tok = None if tokenizer == "byte" else get_tokenizer(tokenizer)
+    found = convert_lib.tokenizer_path(workdir)
+    tokenizer, what = (found, f"--workdir={workdir}") if found else ("byte", None)
+  tok = None if tokenizer == "byte" else convert_lib.load_tokenizer(tokenizer, what)
   batches = data_lib.calibration_batches(data, n_seqs, seq_len, seed=seed, tokenizer=tok)
   return Calibration(model_cfg, batches, sequential=sequential)
 
@@ -68,9 +80,9 @@ def prune_checkpoint(workdir: str, recipe: str, out: str, *, step: int | None = 
   if calib_mode not in CALIB_MODES:
     raise ValueError(f"--calib_mode={calib_mode!r}; valid: {CALIB_MODES}")
   rules = [rules_lib.parse_rule(r) if isinstance(r, str) else tuple(r) for r in rules]
-  checkpoint_lib.check_writable_dir(out, "--out", differ_from=workdir)
-  if convert.is_hf_dir(workdir):  # a Hugging Face folder, pruned without importing first
-    model_cfg, params = convert.load_hf(workdir)
+  check_out(out, workdir)
+  if convert_lib.model_kind(workdir, "--workdir") == "hf":  # pruned without importing first
+    model_cfg, params = convert_lib.load_hf(workdir, "--workdir")
     step = 0
   else:
     params, model_cfg, step = checkpoint_lib.load_params(workdir, step)

@@ -36,7 +36,7 @@ def quantize_checkpoint(workdir: str, out: str, spec, *, step: int | None = None
   if isinstance(spec, str):
     # Bad recipes fail before anything is read or written.
     spec, mixed = quant.mixed.split_mixed(spec)
-  out = checkpoint_lib.check_writable_dir(out, "--out", differ_from=workdir)
+  out = prune_lib.check_out(out, workdir)
   params, model_cfg, step = checkpoint_lib.load_params(workdir, step)
   calib = None
   if needs_calibration(spec, mixed):

@@ -189,8 +189,11 @@ def restore_opt_state(config, workdir: str, hooks: train_lib.Hooks, model_cfg):
                                  t)
   mgr = checkpoint_lib.manager(workdir)
   try:
-    _, opt_state, _ = checkpoint_lib.restore_train_state(
-        mgr, mgr.latest_step(), place(abs_params), place(jax.eval_shape(tx.init, abs_params)))
+    step, state = checkpoint_lib.restore_newest_train_state(
+        mgr, place(abs_params), place(jax.eval_shape(tx.init, abs_params)), set_aside=False)
+    if not step:
+      raise ValueError(f"--workdir={workdir!r} holds no train checkpoint")
+    opt_state = state[1]
   finally:
     mgr.close()
   return opt_state

@@ -59,7 +59,7 @@ def run_speculative(run: decode_lib.Run, prompts: list[list[int]],
     out = early_exit.self_speculative_decode(run.cfg, early_exit.from_legacy(run.params),
                                              int(draft[5:]), prompts, **common)
   else:
-    d = decode_lib.load(draft)
+    d = decode_lib.load(draft, flag="--draft")
     out = speculative.speculative_decode(run.cfg, run.params, d.cfg, d.params, prompts,
                                          target_tokenizer=run.tokenizer,
                                          draft_tokenizer=d.tokenizer, **common)

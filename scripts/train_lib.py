@@ -9,6 +9,7 @@ wrapper; `init_params` starts from given params instead of a fresh init.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import json
@@ -93,6 +94,9 @@ def validate_config(config, workdir: str, model_cfg: ModelConfig | None = None) 
   """Checks every field a run uses (before any compute or write); returns the ModelConfig."""
   model_cfg = model_cfg or model_config(config.model)
   data_lib.validate(config.data)
+  data_lib.check_vocab(model_cfg.vocab_size, f"config.model.vocab_size (preset "
+                       f"{config.model.preset!r})" if "preset" in config.model else
+                       "the model's vocab_size")
   if config.data.seq_len > model_cfg.max_seq_len:
     raise ValueError(f"config.data.seq_len={config.data.seq_len} exceeds the model's "
                      f"max_seq_len={model_cfg.max_seq_len}; valid: 1..{model_cfg.max_seq_len}")
@@ -184,9 +188,12 @@ def train_step(state: dict, batch: dict, *, model_cfg: ModelConfig, tx, schedule
   (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(trained)
   updates, opt_state = tx.update(grads, state["opt_state"], trained)
   params = _merge(optax.apply_updates(trained, updates), params)
-  finite = jnp.isfinite(loss) & jnp.all(
-      jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)]))
-  metrics = {"loss": loss, **metrics, "grad_norm": optax.global_norm(grads),
+  all_finite = lambda t: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(t)]))
+  grad_norm = optax.global_norm(grads)
+  # Which quantity went non-finite first, for the guard's report (NONFINITE_CHECKS order).
+  finite = {"loss": jnp.isfinite(loss), "grad_norm": jnp.isfinite(grad_norm),
+            "params": all_finite(params)}
+  metrics = {"loss": loss, **metrics, "grad_norm": grad_norm,
              "lr": schedule(state["step"]), "finite": finite}
   return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
@@ -283,8 +290,9 @@ def train_and_evaluate(config, workdir: str, *, init_params=None, hooks: Hooks =
   steps, n_val = config.train.steps, config.train.eval_batches or None
   val_batches = list(data_lib.eval_batches(val_stream, dc.batch_size, dc.seq_len, n_val))
   if checkpoint_lib.has_checkpoint(workdir):
-    saved = ModelConfig.from_dict(checkpoint_lib.load_meta(workdir)["model_config"])
-    if saved != model_cfg:
+    saved = checkpoint_lib.load_meta(workdir).get("model_config")
+    saved = saved and ModelConfig.from_dict(saved)
+    if saved and saved != model_cfg:
       raise ValueError(f"config.model differs from the checkpoint in --workdir={workdir!r} "
                        f"(saved: {saved}); use a fresh workdir or the same model config")
 
@@ -299,13 +307,13 @@ def train_and_evaluate(config, workdir: str, *, init_params=None, hooks: Hooks =
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2))
   mgr = checkpoint_lib.manager(workdir, keep=config.ckpt.keep)
-  start = mgr.latest_step() or 0
+  abstract = lambda t, s: jax.tree.map(
+      lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), t, s)
+  start, restored = checkpoint_lib.restore_newest_train_state(
+      mgr, abstract(prog.abs_params, prog.state_sh["params"]),
+      abstract(prog.abs_opt, prog.state_sh["opt_state"]))
   if start:
-    abstract = lambda t, s: jax.tree.map(
-        lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), t, s)
-    params, opt_state, data_state = checkpoint_lib.restore_train_state(
-        mgr, start, abstract(prog.abs_params, prog.state_sh["params"]),
-        abstract(prog.abs_opt, prog.state_sh["opt_state"]))
+    params, opt_state, data_state = restored
     it.restore(data_state)
     logging.info("resumed from step %d in %s", start, mgr.directory)
   else:
@@ -322,6 +330,7 @@ def train_and_evaluate(config, workdir: str, *, init_params=None, hooks: Hooks =
   progress = metrics_lib.Progress(steps, initial=start)
   tokens_per_step = dc.batch_size * dc.seq_len
   pending, last_good, train_rec, val_rec = _Pending(), start, {}, {}
+  history = collections.deque(maxlen=64)  # the latest finite steps' metrics, for the guard
   timed_steps, timed_s, t_flush = 0, 0.0, time.perf_counter()
 
   def save(step):
@@ -330,6 +339,11 @@ def train_and_evaluate(config, workdir: str, *, init_params=None, hooks: Hooks =
 
   def validate(step):
     rec = (hooks.eval_fn or _default_eval)(model_cfg, state["params"], val_batches, put)
+    bad = [k for k, v in rec.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+      raise NonFiniteLossError(
+          f"validation {bad[0]} is {rec[bad[0]]} at step {step} while training stayed finite; "
+          f"stopped before writing it. {_last_good(last_good, mgr.directory)}")
     writer.write(step, "val", rec)
     return rec
 
@@ -343,11 +357,9 @@ def train_and_evaluate(config, workdir: str, *, init_params=None, hooks: Hooks =
         continue
       fetched = jax.device_get(pending.metrics)
       for s, fm in zip(pending.steps, fetched, strict=True):
-        if not fm["finite"]:
-          raise NonFiniteLossError(
-              f"non-finite loss or params at step {s} (loss={float(fm['loss'])}); stopped. "
-              f"Last good checkpoint: step {last_good} in {mgr.directory}. Lower config.opt.lr "
-              "or raise config.opt.warmup_steps.")
+        if not all(fm["finite"].values()):
+          raise NonFiniteLossError(_nonfinite_report(s, fm, history, last_good, mgr.directory))
+        history.append(fm)
       dt = time.perf_counter() - t_flush
       tok_s = tokens_per_step * len(fetched) / dt
       if pending.steps[0] > start + 1:  # the first interval of a run includes compilation
@@ -391,6 +403,33 @@ def _brief(rec: dict) -> str:
   """The loss and the loss function's first metric, for the progress line."""
   names = ["loss"] + [k for k in rec if k not in ("loss", "grad_norm", "lr", "tokens_per_s")]
   return " ".join(f"{k} {rec[k]:.3f}" for k in names[:2] if k in rec)
+
+
+def _last_good(step: int, directory) -> str:
+  return (f"Last good checkpoint: step {step} in {directory}." if step else
+          "No checkpoint was saved before it.")
+
+
+def _nonfinite_report(step: int, fm: dict, history, last_good: int, directory) -> str:
+  """What the NaN guard saw: the first non-finite quantity and its step, the last finite
+  values, and only the causes these numbers support."""
+  first = next(k for k in ("loss", "grad_norm", "params") if not fm["finite"][k])
+  seen = {"loss": "the loss", "grad_norm": "the gradient norm (loss finite)",
+          "params": "the params after the update (loss and gradients finite)"}[first]
+  lines = [f"non-finite {seen} at step {step} (lr {float(fm['lr']):.3g}); stopped.",
+           _last_good(last_good, directory)]
+  norms = [float(h["grad_norm"]) for h in history]
+  if history:
+    lines.append(f"Last finite step: loss {float(history[-1]['loss']):.4g}, grad norm "
+                 f"{norms[-1]:.4g}.")
+  if len(norms) >= 4 and norms[-1] > 10 * float(np.median(norms)):
+    lines.append(f"The gradient norm rose from a median {float(np.median(norms)):.3g} to "
+                 f"{norms[-1]:.3g} before it: lower config.opt.lr or raise "
+                 "config.opt.warmup_steps.")
+  elif step == 1 and first == "loss":
+    lines.append("The first step's loss was already non-finite, before any update: the "
+                 "initial params or the batch, not the learning rate.")
+  return " ".join(lines)
 
 
 def _check_init_params(params, abstract_model, hooks: Hooks) -> None:

@@ -249,7 +249,7 @@ def _feature_fn(cfg: ModelConfig):
 
 def _pad_rows(cfg: ModelConfig, token_rows) -> tuple[np.ndarray, list[int]]:
   """Right-padded i32[bucket(N), bucket(T)] (pad id 0; rows padded to a power of two)."""
-  rows = [np.asarray(r, np.int64).reshape(-1) for r in token_rows]
+  rows = [np.asarray(r).reshape(-1) for r in token_rows]
   if not rows:
     raise ValueError("token_rows is empty; give at least one row")
   lens = [len(r) for r in rows]
@@ -259,8 +259,7 @@ def _pad_rows(cfg: ModelConfig, token_rows) -> tuple[np.ndarray, list[int]]:
     if n > cfg.max_seq_len:
       raise ValueError(f"token row {i} has {n} tokens, more than the model's "
                        f"max_seq_len={cfg.max_seq_len}")
-    if r.min() < 0 or r.max() >= cfg.vocab_size:
-      raise ValueError(f"token row {i} has ids outside [0, {cfg.vocab_size})")
+    transformer.check_token_ids(f"token_rows[{i}]", r, cfg.vocab_size)
   t = min(request.bucket(max(lens)), cfg.max_seq_len)
   buf = np.zeros((1 << max(0, len(rows) - 1).bit_length(), t), np.int32)
   for i, r in enumerate(rows):

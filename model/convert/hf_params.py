@@ -24,6 +24,7 @@ from model.convert.hf_config import (
     to_hf_config,
 )
 from model.transformer import param_shapes
+from model.tree import check_finite
 
 Path = tuple[str, ...]
 # Tensors some checkpoints carry that are recomputed, not learned.
@@ -127,6 +128,7 @@ def load_hf(path: str, *, param_dtype: str | None = None,
   # Largest first: the transient copies of big tensors happen while little is held.
   for name, p, transposed in sorted(plan, key=lambda e: -tensors[e[0]].nbytes):
     raw = st.read_tensor(tensors[name])
+    check_finite({name: raw}, tensors[name].file)  # safetensors carry no checksum
     arr = _layout(raw, transposed, target)
     del raw
     _set(params, p, jax.device_put(arr))

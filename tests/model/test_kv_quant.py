@@ -318,7 +318,7 @@ def test_bad_input(params):
     CFG.replace(kv_quant="int3")
   with pytest.raises(ValueError, match=r"attn_qk='fp16'; valid: None, 'int8'"):
     CFG.replace(attn_qk="fp16")
-  with pytest.raises(ValueError, match="head dim is 15"):
+  with pytest.raises(ValueError, match="gives head dim 15; RoPE needs an even head dim"):
     model.ModelConfig(d_model=60, n_heads=4, kv_quant="int4")
   for kvq in (None, "int4", "fp8"):
     with pytest.raises(ValueError, match=rf"attn_qk='int8'.*kv_quant={kvq!r}"):

@@ -56,7 +56,7 @@ def test_bad_input_writes_nothing(run_dir, tmp_path, recipe, out, match):
 
 
 def test_missing_checkpoint(tmp_path):
-  with pytest.raises(ValueError, match="no checkpoints"):
+  with pytest.raises(ValueError, match="--workdir=.*empty does not exist"):
     prune_script.prune_checkpoint(str(tmp_path / "empty"), "magnitude:0.5", str(tmp_path / "o"))
 
 
@@ -90,6 +90,6 @@ def test_nan_weights_fail_before_anything_is_written(params, tmp_path):
   checkpoint_lib.save_params(src, bad, CFG, step=1)
   for recipe in ("magnitude:0.5", "wanda:0.5"):
     out = tmp_path / f"out_{recipe.split(':')[0]}"
-    with pytest.raises(ValueError, match="layers_0/mlp/down/kernel contains NaN or Inf"):
+    with pytest.raises(ValueError, match="layers_0/mlp/down/kernel' holds 1 non-finite"):
       prune_script.prune_checkpoint(src, recipe, str(out), calib_seqs=2, calib_len=16)
     assert not out.exists()
