@@ -224,6 +224,15 @@ def _reader(workdir: str) -> ocp.CheckpointManager:
   return manager(workdir, create=False)
 
 
+def verify_restored(where: str, meta: dict, **items) -> None:
+  """The integrity check of one restored step: each item's arrays against the checksums
+  `meta` records for it (`params`, `opt_state`), and the params finite."""
+  sums = (meta or {}).get("checksums", {})
+  for name, tree in items.items():
+    verify_checksums(tree, sums.get(name), where)
+  check_finite(items["params"], where)
+
+
 def _one_line(e: BaseException) -> str:
   """`Type: first line of the message` (orbax / tensorstore errors run to dozens of lines,
   the first ending in a dump of the TensorStore spec)."""
@@ -318,8 +327,7 @@ def _restore_params(mgr, step: int, target, sharding, verify: bool):
   params = mgr.restore(step, args=ocp.args.Composite(
       params=ocp.args.StandardRestore(target))).params
   if verify:
-    verify_checksums(params, meta.get("checksums", {}).get("params"), where)
-    check_finite(params, where)
+    verify_restored(where, meta, params=params)
   if rebuild:
     params = from_state_dict(params, meta.get("qarrays", {}), meta.get("nmarrays", {}))
   return params, meta

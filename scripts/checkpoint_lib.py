@@ -13,7 +13,6 @@ import orbax.checkpoint as ocp
 
 from model import checkpoint as ckpt
 from model.config import ModelConfig
-from model.tree import check_finite
 from scripts import cli_lib
 
 CKPT_SUBDIR = ckpt.CKPT_SUBDIR
@@ -42,10 +41,7 @@ def restore_train_state(mgr: ocp.CheckpointManager, step: int, abstract_params,
       opt_state=ocp.args.StandardRestore(abstract_opt_state),
       data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
   if verify:
-    sums = (r.meta or {}).get("checksums", {})
-    ckpt.verify_checksums(r.params, sums.get("params"), where)
-    ckpt.verify_checksums(r.opt_state, sums.get("opt_state"), where)
-    check_finite(r.params, where)
+    ckpt.verify_restored(where, r.meta, params=r.params, opt_state=r.opt_state)
   if not isinstance(r.data, dict):
     raise ckpt.CheckpointError(f"{where}/data holds no iterator state (a JSON object)")
   return r.params, r.opt_state, r.data
